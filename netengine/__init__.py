@@ -1,0 +1,27 @@
+"""netengine: a Caffe-compatible deep-learning engine on NumPy (CPU) and CuPy (GPU).
+
+pycaffe-shaped: ``import netengine as caffe`` then ``caffe.Net(prototxt, caffe.TEST,
+weights=...)``, ``net.blobs['data'].data[...] = x``, ``net.forward()``.
+"""
+from __future__ import annotations
+
+from netengine.backend import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
+from netengine.errors import NetEngineError
+from netengine.layers import layer_type_list
+from netengine.net import TEST, TRAIN, Net
+
+__version__ = "0.1.0"
+
+__all__ = ["Net", "NetEngineError", "TEST", "TRAIN", "layer_type_list", "set_device",
+           "set_mode_cpu", "set_mode_gpu", "set_random_seed", "__version__"]
+
+
+def __getattr__(name: str):
+    # Solvers live in their own module; import them lazily so the core stays light.
+    solver_names = {"get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver",
+                    "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "Solver"}
+    if name in solver_names:
+        from netengine import solver
+
+        return getattr(solver, name)
+    raise AttributeError(f"module 'netengine' has no attribute '{name}'")

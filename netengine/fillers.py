@@ -1,0 +1,104 @@
+"""Caffe's seven weight fillers, drawn from netengine's seedable generator.
+
+Each filler reads its FillerParameter (the proto holds the defaults) and writes into a blob's
+data. Values are drawn on the host in float64 and cast, then copied to the blob's device.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from netengine import backend
+from netengine.blob import Blob
+from netengine.errors import LayerError
+
+
+def _fans(shape: tuple[int, ...]) -> tuple[float, float]:
+    count = int(np.prod(shape)) if shape else 1
+    fan_in = count / shape[0] if shape and shape[0] else count
+    fan_out = count / shape[1] if len(shape) > 1 and shape[1] else count
+    return fan_in, fan_out
+
+
+def _norm_n(param, shape) -> float:
+    fan_in, fan_out = _fans(shape)
+    mode = param.VarianceNorm.Name(param.variance_norm)
+    if mode == "FAN_OUT":
+        return fan_out
+    if mode == "AVERAGE":
+        return (fan_in + fan_out) / 2.0
+    return fan_in
+
+
+def _constant(param, shape, rng):
+    return np.full(shape, param.value, dtype=np.float64)
+
+
+def _uniform(param, shape, rng):
+    return rng.uniform(param.min, param.max, size=shape)
+
+
+def _gaussian(param, shape, rng):
+    values = rng.normal(param.mean, param.std, size=shape)
+    if param.sparse >= 0:
+        # Caffe keeps each weight with probability sparse / num_outputs (shape[0]).
+        keep = param.sparse / float(shape[0]) if shape else 1.0
+        values *= rng.random(size=shape) < keep
+    return values
+
+
+def _positive_unitball(param, shape, rng):
+    values = rng.uniform(0.0, 1.0, size=shape)
+    rows = values.reshape(shape[0] if shape else 1, -1)
+    rows /= rows.sum(axis=1, keepdims=True)
+    return rows.reshape(shape)
+
+
+def _xavier(param, shape, rng):
+    scale = math.sqrt(3.0 / _norm_n(param, shape))
+    return rng.uniform(-scale, scale, size=shape)
+
+
+def _msra(param, shape, rng):
+    return rng.normal(0.0, math.sqrt(2.0 / _norm_n(param, shape)), size=shape)
+
+
+def _bilinear(param, shape, rng):
+    if len(shape) != 4 or shape[2] != shape[3]:
+        raise LayerError(f"the bilinear filler needs a 4-D blob with square kernels, got {shape}")
+    k = shape[3]
+    f = math.ceil(k / 2.0)
+    # Caffe's centre uses its integer f, which makes odd kernels slightly asymmetric.
+    c = (2 * f - 1 - f % 2) / (2.0 * f)
+    x = np.arange(k, dtype=np.float64)
+    weights_1d = 1.0 - np.abs(x / f - c)
+    kernel = np.outer(weights_1d, weights_1d)
+    return np.broadcast_to(kernel, shape).copy()
+
+
+FILLERS = {
+    "constant": _constant,
+    "uniform": _uniform,
+    "gaussian": _gaussian,
+    "positive_unitball": _positive_unitball,
+    "xavier": _xavier,
+    "msra": _msra,
+    "bilinear": _bilinear,
+}
+
+
+def filler_values(param, shape: tuple[int, ...]) -> np.ndarray:
+    """Values of ``shape`` drawn as FillerParameter ``param`` asks (float64, on the host)."""
+    try:
+        fill = FILLERS[param.type]
+    except KeyError:
+        raise LayerError(f"unknown filler type '{param.type}'; expected one of "
+                         + ", ".join(sorted(FILLERS))) from None
+    return fill(param, tuple(shape), backend.rng())
+
+
+def fill(blob: Blob, param) -> None:
+    """Fill ``blob.data`` as FillerParameter ``param`` asks."""
+    values = filler_values(param, blob.shape)
+    blob.data[...] = backend.to_module(values.astype(blob.dtype, copy=False), blob.xp)

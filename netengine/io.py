@@ -1,0 +1,184 @@
+"""Reading and writing Caffe's files: prototxt text with positions, binary protos, atomic writes.
+
+Text parse errors become one-line NetSyntaxErrors with file:line:column and, where the line lies
+inside a ``layer { }`` block, that layer's name and type.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
+
+from netengine.errors import NetEngineError, NetSyntaxError
+
+_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|#[^\n]*|[{}<>]|[A-Za-z_]\w*')
+_NAME = re.compile(r'\bname\s*:\s*"([^"]*)"')
+_TYPE = re.compile(r'\btype\s*:\s*"?([A-Za-z_0-9]+)"?')
+_UNKNOWN_FIELD = re.compile(r'Message type "caffe\.(\w+)" has no field named "(\w+)"')
+
+
+@dataclass
+class LayerBlock:
+    """Where a top-level ``layer {`` / ``layers {`` block sits in a prototxt."""
+
+    keyword: str
+    line: int
+    end_line: int
+    start: int = 0
+    end: int = 0
+
+
+@dataclass
+class SourceMap:
+    """The file a message came from and the line of each of its layer blocks (in order)."""
+
+    file: str | None = None
+    blocks: list[LayerBlock] = field(default_factory=list)
+
+    def lines(self, keyword: str) -> list[int]:
+        return [b.line for b in self.blocks if b.keyword == keyword]
+
+
+def layer_blocks(text: str) -> list[LayerBlock]:
+    """The top-level ``layer``/``layers`` blocks of a NetParameter text, in file order."""
+    blocks: list[LayerBlock] = []
+    depth, pending, open_block = 0, None, None
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        if token[0] in "#\"'":
+            continue
+        if token in "{<":
+            if depth == 0 and pending is not None:
+                open_block = LayerBlock(pending[0], pending[1], pending[1], pending[2])
+            depth += 1
+            pending = None
+        elif token in "}>":
+            depth -= 1
+            if depth == 0 and open_block is not None:
+                open_block.end = match.end()
+                open_block.end_line = text.count("\n", 0, match.end()) + 1
+                blocks.append(open_block)
+                open_block = None
+        elif depth == 0:
+            pending = ((token, text.count("\n", 0, match.start()) + 1, match.start())
+                       if token in ("layer", "layers") else None)
+    return blocks
+
+
+def _block_at(text: str, line: int) -> tuple[str | None, str | None]:
+    """Name and type of the layer block that contains ``line``, if any."""
+    for block in layer_blocks(text):
+        if block.line <= line <= block.end_line:
+            body = text[block.start:block.end]
+            name, kind = _NAME.search(body), _TYPE.search(body)
+            return (name.group(1) if name else None, kind.group(1) if kind else None)
+    return None, None
+
+
+def _describe_parse_error(message: str) -> str:
+    found = _UNKNOWN_FIELD.search(message)
+    if found:
+        msg_type, name = found.groups()
+        return (f"BVLC Caffe's {msg_type} has no field '{name}' (a misspelling, or a field "
+                f"from a Caffe fork)")
+    return re.sub(r"^\d+:\d+\s*:\s*", "", message)
+
+
+def parse_text(text: str, message: pb_message.Message, file: str | None = None):
+    """Merge prototxt ``text`` into ``message``; syntax errors become NetSyntaxError."""
+    try:
+        text_format.Merge(text, message)
+    except text_format.ParseError as err:
+        line, column = err.GetLine(), err.GetColumn()
+        name, kind = _block_at(text, line) if line else (None, None)
+        raise NetSyntaxError(_describe_parse_error(str(err)), file=file, line=line,
+                             column=column, layer=name, layer_type=kind) from None
+    return message
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NetEngineError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise NetEngineError(f"cannot read {path}: {err}") from None
+
+
+def read_text_proto(path: str | os.PathLike, message: pb_message.Message):
+    """Parse a prototxt file into ``message``; returns (message, SourceMap)."""
+    text = read_text_file(path)
+    parse_text(text, message, str(path))
+    return message, SourceMap(str(path), layer_blocks(text))
+
+
+def read_binary_proto(path: str | os.PathLike, message: pb_message.Message):
+    """Parse a binary proto file (caffemodel, solverstate, binaryproto) into ``message``."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NetEngineError(f"file not found: {path}") from None
+    try:
+        message.ParseFromString(data)
+    except pb_message.DecodeError as err:
+        raise NetSyntaxError(f"not a valid binary {message.DESCRIPTOR.name} "
+                             f"({len(data)} bytes): {err}", file=str(path)) from None
+    return message
+
+
+def read_proto(path: str | os.PathLike, message: pb_message.Message):
+    """Binary or text, whichever the file is (Caffe's ReadProtoFromBinaryFile fallback)."""
+    data = Path(path).read_bytes() if Path(path).exists() else None
+    if data is None:
+        raise NetEngineError(f"file not found: {path}")
+    try:
+        message.ParseFromString(data)
+        return message
+    except pb_message.DecodeError:
+        message.Clear()
+    return parse_text(data.decode("utf-8", errors="replace"), message, str(path))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` so that ``path`` holds either its old content or all of the new.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, then renamed
+    over ``path``: a crash or kill at any moment never leaves a truncated file.
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def write_binary_proto(path: str | os.PathLike, message: pb_message.Message) -> None:
+    write_atomic(path, message.SerializeToString())
+
+
+def write_text_proto(path: str | os.PathLike, message: pb_message.Message) -> None:
+    write_atomic(path, text_format.MessageToString(message))

@@ -1,0 +1,605 @@
+"""Net: a DAG of layers and blobs built from a NetParameter, with Caffe's semantics.
+
+Construction is a short pipeline of named steps (``Net._build``):
+  read → upgrade → filter by NetState → insert splits → instantiate → connect and set up
+  → backward needs → share params → outputs.
+The Net never branches on a layer's type; what differs lives in the layer classes.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from netengine import backend
+from netengine.blob import Blob
+from netengine.errors import LayerError, NetEngineError
+from netengine.io import SourceMap, read_binary_proto, read_text_proto
+from netengine.layers import Layer, create_layer
+from netengine.proto import caffe_pb2
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+
+
+# -- pipeline steps that work on messages -------------------------------------------------------
+def state_meets_rule(state, rule) -> bool:
+    """Caffe's StateMeetsRule: phase, level range, required stages, forbidden stages."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    return not any(s in stages for s in rule.not_stage)
+
+
+def layer_included(layer_param, state) -> bool:
+    """Caffe's FilterNet rule: include rules must meet one; exclude rules must meet none."""
+    if layer_param.include:
+        return any(state_meets_rule(state, r) for r in layer_param.include)
+    return not any(state_meets_rule(state, r) for r in layer_param.exclude)
+
+
+def split_layer_name(blob: str, layer: str, top_index: int) -> str:
+    return f"{blob}_{layer}_{top_index}_split"
+
+
+def split_blob_name(blob: str, layer: str, top_index: int, k: int) -> str:
+    return f"{blob}_{layer}_{top_index}_split_{k}"
+
+
+def insert_splits(layers: list, lines: list) -> tuple[list, list]:
+    """Insert Split layers where one top feeds several bottoms (Caffe's insert_splits).
+
+    A top whose explicit loss_weight is non-zero counts as one more consumer; the split's first
+    top then carries that loss weight. Returns new (layer params, source lines).
+    """
+    last_top: dict[str, tuple[int, int]] = {}
+    source_of: dict[tuple[int, int], tuple[int, int]] = {}
+    consumers: dict[tuple[int, int], int] = {}
+    loss_weight: dict[tuple[int, int], float] = {}
+    for i, param in enumerate(layers):
+        for j, name in enumerate(param.bottom):
+            if name not in last_top:
+                raise LayerError(f"unknown bottom blob '{name}' (bottom {j}): no earlier layer "
+                                 f"produces it; known blobs: {', '.join(last_top) or 'none'}",
+                                 layer=param.name, layer_type=param.type, line=lines[i])
+            source_of[(i, j)] = last_top[name]
+            consumers[last_top[name]] = consumers.get(last_top[name], 0) + 1
+        for j, name in enumerate(param.top):
+            last_top[name] = (i, j)
+        for j in range(min(len(param.loss_weight), len(param.top))):
+            key = last_top[param.top[j]]
+            loss_weight[key] = param.loss_weight[j]
+            if param.loss_weight[j]:
+                consumers[key] = consumers.get(key, 0) + 1
+    out, out_lines = [], []
+    next_split: dict[tuple[int, int], int] = {}
+    for i, original in enumerate(layers):
+        param = caffe_pb2.LayerParameter()
+        param.CopyFrom(original)
+        out.append(param)
+        out_lines.append(lines[i])
+        for j, name in enumerate(param.bottom):
+            src = source_of[(i, j)]
+            if consumers.get(src, 0) > 1:
+                k = next_split.get(src, 0)
+                next_split[src] = k + 1
+                param.bottom[j] = split_blob_name(name, layers[src[0]].name, src[1], k)
+        for j, name in enumerate(param.top):
+            count = consumers.get((i, j), 0)
+            if count <= 1:
+                continue
+            split = caffe_pb2.LayerParameter(name=split_layer_name(name, param.name, j),
+                                             type="Split", bottom=[name])
+            split.top.extend(split_blob_name(name, param.name, j, k) for k in range(count))
+            weight = loss_weight.get((i, j), 0.0)
+            if weight:
+                split.loss_weight.extend([weight] + [0.0] * (count - 1))
+                del param.loss_weight[:]
+                next_split[(i, j)] = next_split.get((i, j), 0) + 1
+            out.append(split)
+            out_lines.append(lines[i])
+    return out, out_lines
+
+
+def blob_from_proto(proto, dtype=np.float32) -> np.ndarray:
+    """The values of a BlobProto as a host array in its own shape (legacy 4-D or BlobShape)."""
+    if proto.HasField("shape"):
+        shape = tuple(proto.shape.dim)
+    elif any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (proto.num, proto.channels, proto.height, proto.width)
+    else:
+        shape = (len(proto.data) or len(proto.double_data),)
+    values = proto.double_data if len(proto.double_data) else proto.data
+    array = np.asarray(values, dtype=dtype)
+    if array.size != int(np.prod(shape)):
+        raise NetEngineError(f"blob has {array.size} values but its shape {shape} needs "
+                             f"{int(np.prod(shape))}")
+    return array.reshape(shape)
+
+
+def proto_shape_matches(blob: Blob, proto) -> bool:
+    """Caffe's ShapeEquals: legacy 4-D protos match the blob's shape right-aligned in 4 axes."""
+    if proto.HasField("shape") or not any(
+            proto.HasField(f) for f in ("num", "channels", "height", "width")):
+        return tuple(proto.shape.dim) == blob.shape
+    if blob.num_axes > 4:
+        return False
+    legacy = (1,) * (4 - blob.num_axes) + blob.shape
+    return legacy == (proto.num, proto.channels, proto.height, proto.width)
+
+
+def blob_to_proto(blob: Blob, write_diff: bool = False):
+    proto = caffe_pb2.BlobProto()
+    proto.shape.dim.extend(blob.shape)
+    proto.data.extend(backend.to_host(blob.data).astype(np.float32).ravel().tolist())
+    if write_diff:
+        proto.diff.extend(backend.to_host(blob.diff).astype(np.float32).ravel().tolist())
+    return proto
+
+
+# -- the Net ------------------------------------------------------------------------------------
+class Net:
+    """A Caffe net: ``Net(prototxt, phase, weights=None, level=0, stages=())``.
+
+    pycaffe-shaped: ``blobs``, ``params``, ``layers``, ``layer_dict``, ``inputs``, ``outputs``,
+    ``top_names``, ``bottom_names``, ``forward``, ``backward``, ``copy_from``, ``save``.
+    """
+
+    def __init__(self, network, phase=None, weights: str | None = None, level: int = 0,
+                 stages: Iterable[str] = (), *, dtype=np.float32) -> None:
+        if isinstance(phase, (str, os.PathLike)):  # pycaffe's old Net(file, weights, phase)
+            phase, weights = weights, phase
+        self.phase = TEST if phase is None else int(phase)
+        self.dtype = np.dtype(dtype)
+        self._callbacks: dict[str, list[Callable[[int], None]]] = {
+            "before_forward": [], "after_forward": [], "before_backward": [], "after_backward": []}
+        self._build(network, level, tuple(stages))
+        if weights:
+            self.copy_from(weights)
+
+    # -- construction ----------------------------------------------------------------------------
+    def _build(self, network, level: int, stages: tuple[str, ...]) -> None:
+        param, source = self._read(network)
+        self.source_file = source.file
+        param, lines = self._upgrade(param, source)
+        self.name = param.name
+        self.force_backward = param.force_backward
+        state = caffe_pb2.NetState()
+        state.CopyFrom(param.state)
+        state.phase = self.phase
+        state.level = level
+        state.stage.extend(stages)
+        self.state = state
+        kept, kept_lines = self._filter(param, lines, state)
+        try:
+            kept, kept_lines = insert_splits(kept, kept_lines)
+        except NetEngineError as err:
+            raise err.with_context(file=self.source_file) from None
+        self._layer_lines = kept_lines
+        self._instantiate(kept)
+        self._connect_and_setup()
+        self._backward_needs()
+        self._share_params()
+        self._collect_outputs()
+
+    def _read(self, network) -> tuple[caffe_pb2.NetParameter, SourceMap]:
+        if isinstance(network, caffe_pb2.NetParameter):
+            param = caffe_pb2.NetParameter()
+            param.CopyFrom(network)
+            return param, SourceMap(None, [])
+        return read_text_proto(network, caffe_pb2.NetParameter())
+
+    def _upgrade(self, param, source: SourceMap) -> tuple[caffe_pb2.NetParameter, list]:
+        """Bring legacy nets (V0/V1 layers, net-level inputs) to the current format."""
+        from netengine import upgrade
+
+        lines = source.lines("layers") if len(param.layers) else source.lines("layer")
+        try:
+            param, lines = upgrade.upgrade_net(param, lines, source.file)
+        except NetEngineError as err:
+            raise err.with_context(file=source.file) from None
+        lines = list(lines) + [None] * (len(param.layer) - len(lines))
+        return param, lines
+
+    def _filter(self, param, lines, state) -> tuple[list, list]:
+        kept, kept_lines = [], []
+        for layer_param, line in zip(param.layer, lines):
+            if layer_param.include and layer_param.exclude:
+                raise LayerError("specify either include rules or exclude rules, not both",
+                                 file=self.source_file, line=line, layer=layer_param.name,
+                                 layer_type=layer_param.type)
+            if layer_included(layer_param, state):
+                copy = caffe_pb2.LayerParameter()
+                copy.CopyFrom(layer_param)
+                if not copy.HasField("phase"):
+                    copy.phase = self.phase
+                kept.append(copy)
+                kept_lines.append(line)
+        return kept, kept_lines
+
+    def _context(self, index: int) -> dict:
+        param = self.layers[index].layer_param if index < len(self.layers) else None
+        return {"file": self.source_file, "line": self._layer_lines[index],
+                "layer": param.name if param else None, "layer_type": param.type if param else None}
+
+    def _instantiate(self, layer_params: list) -> None:
+        self.layers: list[Layer] = []
+        for i, param in enumerate(layer_params):
+            try:
+                self.layers.append(create_layer(param))
+            except NetEngineError as err:
+                raise err.with_context(file=self.source_file, line=self._layer_lines[i],
+                                       layer=param.name, layer_type=param.type) from None
+        self._layer_names = [layer.name for layer in self.layers]
+
+    def _connect_and_setup(self) -> None:
+        self._blobs: OrderedDict[str, Blob] = OrderedDict()
+        self._blob_need_backward: dict[str, bool] = {}
+        self.bottom_vecs: list[list[Blob]] = []
+        self.top_vecs: list[list[Blob]] = []
+        self.bottom_ids: list[list[str]] = []
+        self.top_ids: list[list[str]] = []
+        self.bottom_need_backward: list[list[bool]] = []
+        self.layer_need_backward: list[bool] = []
+        self.blob_loss_weights: dict[str, float] = {}
+        self.inputs: list[str] = []
+        available: set[str] = set()
+        for i, layer in enumerate(self.layers):
+            try:
+                self._setup_layer(i, layer, available)
+            except NetEngineError as err:
+                raise err.with_context(**self._context(i)) from None
+            except (ValueError, TypeError, IndexError, ArithmeticError, MemoryError) as err:
+                raise LayerError(f"setup failed: {type(err).__name__}: {err}",
+                                 **self._context(i)) from err
+
+    def _setup_layer(self, i: int, layer: Layer, available: set[str]) -> None:
+        param = layer.layer_param
+        if param.propagate_down and len(param.propagate_down) != len(param.bottom):
+            raise layer.fail(f"propagate_down must be given once per bottom ({len(param.bottom)})"
+                             f" or not at all, got {len(param.propagate_down)}")
+        bottoms, needs = [], []
+        for j, name in enumerate(param.bottom):
+            if name not in self._blobs:
+                raise layer.fail(f"unknown bottom blob '{name}'")
+            bottoms.append(self._blobs[name])
+            need = self._blob_need_backward[name]
+            if param.propagate_down:
+                need = need and bool(param.propagate_down[j])
+            needs.append(need)
+            available.discard(name)
+        tops, top_names = [], list(param.top)
+        if layer.auto_top_blobs:
+            wanted = max(layer.exact_tops or 0, layer.min_tops or 0)
+            while len(top_names) < wanted:
+                top_names.append(f"(automatic) {param.name} top {len(top_names)}")
+        for j, name in enumerate(top_names):
+            if j < len(param.bottom) and param.bottom[j] == name:
+                if not layer.allows_inplace:
+                    raise layer.fail("does not allow in-place computation (top == bottom)")
+                tops.append(self._blobs[name])
+            elif name in self._blobs:
+                raise layer.fail(f"top blob '{name}' is produced by more than one layer")
+            else:
+                blob = Blob((), dtype=self.dtype)
+                self._blobs[name] = blob
+                self._blob_need_backward[name] = False
+                tops.append(blob)
+            available.add(name)
+        if layer.is_input:
+            self.inputs.extend(top_names)
+        layer.setup(bottoms, tops)
+        self.bottom_vecs.append(bottoms)
+        self.top_vecs.append(tops)
+        self.bottom_ids.append(list(param.bottom))
+        self.top_ids.append(top_names)
+        need_backward = any(needs)
+        default_spec = caffe_pb2.ParamSpec()
+        for k in range(len(layer.blobs)):
+            spec = param.param[k] if k < len(param.param) else default_spec
+            learn = spec.lr_mult != 0
+            need_backward |= learn
+            while len(layer.param_propagate_down) <= k:
+                layer.param_propagate_down.append(True)
+            layer.param_propagate_down[k] = learn
+        for j, name in enumerate(top_names):
+            if layer.loss_weights and layer.loss_weights[j]:
+                self.blob_loss_weights[name] = layer.loss_weights[j]
+            if need_backward:
+                self._blob_need_backward[name] = True
+        self.bottom_need_backward.append(needs)
+        self.layer_need_backward.append(need_backward)
+        self._available = available
+
+    def _backward_needs(self) -> None:
+        """Prune backward where no loss is reached (Caffe's Net::Init second pass)."""
+        under_loss: set[str] = set()
+        skip_backprop: set[str] = set()
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            contributes, skip = False, True
+            for j, name in enumerate(self.top_ids[i]):
+                if (layer.loss_weights and layer.loss_weights[j]) or name in under_loss:
+                    contributes = True
+                if name not in skip_backprop:
+                    skip = False
+            if self.layer_need_backward[i] and skip:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(self.bottom_need_backward[i])
+            if not contributes:
+                self.layer_need_backward[i] = False
+            for j, name in enumerate(self.bottom_ids[i]):
+                if contributes:
+                    under_loss.add(name)
+                else:
+                    self.bottom_need_backward[i][j] = False
+                if not self.bottom_need_backward[i][j]:
+                    skip_backprop.add(name)
+        if self.force_backward:
+            for i, layer in enumerate(self.layers):
+                self.layer_need_backward[i] = True
+                for j, name in enumerate(self.bottom_ids[i]):
+                    self.bottom_need_backward[i][j] = (self.bottom_need_backward[i][j]
+                                                       or layer.allow_force_backward(j))
+                    self._blob_need_backward[name] = (self._blob_need_backward[name]
+                                                      or self.bottom_need_backward[i][j])
+                layer.param_propagate_down = [True] * len(layer.blobs)
+
+    def _share_params(self) -> None:
+        """Own or share every learned blob by ParamSpec name; record lr/decay multipliers."""
+        self.learnable_params: list[Blob] = []
+        self.params_lr: list[float] = []
+        self.params_weight_decay: list[float] = []
+        self.param_owners: list[int] = []
+        self.param_display_names: list[str] = []
+        self._param_layer_indices: list[tuple[int, int]] = []
+        owner_by_name: dict[str, int] = {}
+        has_lr: list[bool] = []
+        has_decay: list[bool] = []
+        learnable_of: list[int] = []
+        default_spec = caffe_pb2.ParamSpec()
+        for i, layer in enumerate(self.layers):
+            specs = layer.layer_param.param
+            for j, blob in enumerate(layer.blobs):
+                spec = specs[j] if j < len(specs) else default_spec
+                net_id = len(self._param_layer_indices)
+                self._param_layer_indices.append((i, j))
+                self.param_display_names.append(spec.name or str(net_id))
+                if not spec.name or spec.name not in owner_by_name:
+                    if spec.name:
+                        owner_by_name[spec.name] = net_id
+                    self.param_owners.append(-1)
+                    learnable_of.append(len(self.learnable_params))
+                    self.learnable_params.append(blob)
+                    has_lr.append(spec.HasField("lr_mult"))
+                    has_decay.append(spec.HasField("decay_mult"))
+                    self.params_lr.append(spec.lr_mult)
+                    self.params_weight_decay.append(spec.decay_mult)
+                    continue
+                owner_id = owner_by_name[spec.name]
+                self.param_owners.append(owner_id)
+                oi, oj = self._param_layer_indices[owner_id]
+                owner = self.layers[oi].blobs[oj]
+                self._check_share(i, spec, blob, owner, self.layers[oi].name)
+                lid = learnable_of[owner_id]
+                learnable_of.append(lid)
+                for flag, values, field in ((has_lr, self.params_lr, "lr_mult"),
+                                            (has_decay, self.params_weight_decay, "decay_mult")):
+                    if spec.HasField(field):
+                        if flag[lid] and values[lid] != getattr(spec, field):
+                            raise LayerError(f"shared param '{spec.name}' has mismatched {field}",
+                                             **self._context(i))
+                        flag[lid] = True
+                        values[lid] = getattr(spec, field)
+                blob.share_data(owner)
+                blob.share_diff(owner)
+
+    def _check_share(self, i, spec, blob: Blob, owner: Blob, owner_name: str) -> None:
+        permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+        ok = blob.count == owner.count if permissive else blob.shape == owner.shape
+        if not ok:
+            raise LayerError(f"cannot share param '{spec.name}' owned by layer '{owner_name}': "
+                             f"{'count' if permissive else 'shape'} mismatch, owner "
+                             f"{owner.shape} vs this layer {blob.shape}", **self._context(i))
+
+    def _collect_outputs(self) -> None:
+        self.outputs = [name for name in self._blobs if name in self._available]
+
+    # -- pycaffe-shaped views --------------------------------------------------------------------
+    @property
+    def blobs(self) -> OrderedDict[str, Blob]:
+        return self._blobs
+
+    @property
+    def params(self) -> OrderedDict[str, list[Blob]]:
+        return OrderedDict((layer.name, layer.blobs) for layer in self.layers if layer.blobs)
+
+    @property
+    def layer_dict(self) -> OrderedDict[str, Layer]:
+        return OrderedDict(zip(self._layer_names, self.layers))
+
+    @property
+    def top_names(self) -> OrderedDict[str, list[str]]:
+        return OrderedDict(zip(self._layer_names, self.top_ids))
+
+    @property
+    def bottom_names(self) -> OrderedDict[str, list[str]]:
+        return OrderedDict(zip(self._layer_names, self.bottom_ids))
+
+    @property
+    def blob_need_backward(self) -> dict[str, bool]:
+        return dict(self._blob_need_backward)
+
+    def layer_line(self, name: str) -> int | None:
+        """The prototxt line of layer ``name``'s block (None where not known)."""
+        return self._layer_lines[self._layer_names.index(name)]
+
+    # -- callbacks --------------------------------------------------------------------------------
+    def before_forward(self, callback: Callable[[int], None]) -> None:
+        self._callbacks["before_forward"].append(callback)
+
+    def after_forward(self, callback: Callable[[int], None]) -> None:
+        self._callbacks["after_forward"].append(callback)
+
+    def before_backward(self, callback: Callable[[int], None]) -> None:
+        self._callbacks["before_backward"].append(callback)
+
+    def after_backward(self, callback: Callable[[int], None]) -> None:
+        self._callbacks["after_backward"].append(callback)
+
+    # -- passes -----------------------------------------------------------------------------------
+    def _index(self, name: str | None, default: int) -> int:
+        if name is None:
+            return default
+        try:
+            return self._layer_names.index(name)
+        except ValueError:
+            raise NetEngineError(f"net has no layer named '{name}'") from None
+
+    def forward_from_to(self, start: int, end: int) -> float:
+        loss = 0.0
+        before, after = self._callbacks["before_forward"], self._callbacks["after_forward"]
+        for i in range(start, end + 1):
+            for cb in before:
+                cb(i)
+            try:
+                loss += self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
+            except NetEngineError as err:
+                raise err.with_context(**self._context(i)) from None
+            for cb in after:
+                cb(i)
+        return loss
+
+    def backward_from_to(self, start: int, end: int) -> None:
+        before, after = self._callbacks["before_backward"], self._callbacks["after_backward"]
+        for i in range(start, end - 1, -1):
+            if not self.layer_need_backward[i]:
+                continue
+            for cb in before:
+                cb(i)
+            self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
+                                    self.bottom_vecs[i])
+            for cb in after:
+                cb(i)
+
+    def forward(self, blobs: Iterable[str] | None = None, start: str | None = None,
+                end: str | None = None, **inputs) -> dict:
+        """Run forward (from ``start`` to ``end``); returns {output name: data}."""
+        for name, value in inputs.items():
+            if name not in self.inputs:
+                raise NetEngineError(f"'{name}' is not an input of this net "
+                                     f"(inputs: {', '.join(self.inputs) or 'none'})")
+            blob = self._blobs[name]
+            value = backend.to_module(np.asarray(value) if blob.xp is np else value, blob.xp)
+            if value.shape != blob.shape:
+                blob.reshape(value.shape)
+            blob.data[...] = value
+        first, last = self._index(start, 0), self._index(end, len(self.layers) - 1)
+        self.last_loss = self.forward_from_to(first, last)
+        names = list(self.top_ids[last]) if end is not None else list(self.outputs)
+        names += [b for b in (blobs or ()) if b not in names]
+        return {name: self._blobs[name].data for name in names}
+
+    def backward(self, diffs: Iterable[str] | None = None, start: str | None = None,
+                 end: str | None = None, **top_diffs) -> dict:
+        """Run backward (from ``start`` down to ``end``); returns {input name: diff}."""
+        for name, value in top_diffs.items():
+            blob = self._blobs[name]
+            blob.diff[...] = backend.to_module(np.asarray(value), blob.xp) \
+                if blob.xp is np else value
+        first = self._index(start, len(self.layers) - 1)
+        last = self._index(end, 0)
+        self.backward_from_to(first, last)
+        names = list(self.bottom_ids[last]) if end is not None else list(self.inputs)
+        names += [d for d in (diffs or ()) if d not in names]
+        return {name: self._blobs[name].diff for name in names}
+
+    def forward_backward(self) -> float:
+        """One forward and backward over the whole net; returns the loss (Solver's step)."""
+        loss = self.forward_from_to(0, len(self.layers) - 1)
+        self.backward_from_to(len(self.layers) - 1, 0)
+        return loss
+
+    def reshape(self) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.reshape(self.bottom_vecs[i], self.top_vecs[i])
+
+    def clear_param_diffs(self) -> None:
+        for blob in self.learnable_params:
+            blob.diff[...] = 0
+
+    def update(self) -> None:
+        """data -= diff for every owned learnable blob."""
+        for blob in self.learnable_params:
+            blob.update()
+
+    # -- weights ----------------------------------------------------------------------------------
+    def copy_from(self, source) -> list[str]:
+        """Copy weights by layer name from a caffemodel (path or NetParameter).
+
+        Accepts V1 files and legacy 4-D blob shapes; returns the names of the source layers
+        that were ignored because this net has no layer of that name.
+        """
+        if isinstance(source, caffe_pb2.NetParameter):
+            param, where = source, None
+        else:
+            where = str(source)
+            if where.endswith(".h5"):
+                from netengine import hdf5
+
+                return hdf5.load_weights(self, where)
+            param = read_binary_proto(where, caffe_pb2.NetParameter())
+        by_name = self.layer_dict
+        ignored = []
+        for source_layer in list(param.layer) or list(param.layers):
+            target = by_name.get(source_layer.name)
+            if target is None:
+                ignored.append(source_layer.name)
+                continue
+            self._copy_layer_blobs(target, source_layer, where)
+        self.ignored_layers = ignored
+        return ignored
+
+    def _copy_layer_blobs(self, target: Layer, source_layer, where) -> None:
+        if not source_layer.blobs:
+            return
+        if len(target.blobs) != len(source_layer.blobs):
+            raise LayerError(f"incompatible number of blobs: the weights file has "
+                             f"{len(source_layer.blobs)}, the net expects {len(target.blobs)}",
+                             file=where, layer=target.name, layer_type=target.type)
+        for j, (blob, proto) in enumerate(zip(target.blobs, source_layer.blobs)):
+            values = blob_from_proto(proto)
+            if not proto_shape_matches(blob, proto):
+                raise LayerError(f"cannot copy param {j}: shape mismatch, the weights file has "
+                                 f"{values.shape}, the net expects {blob.shape}; rename the layer "
+                                 "to learn it from scratch", file=where, layer=target.name,
+                                 layer_type=target.type)
+            blob.data[...] = backend.to_module(values.reshape(blob.shape), blob.xp)
+
+    def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
+        """The net as a NetParameter holding each layer's parameters and blobs (Caffe's ToProto)."""
+        param = caffe_pb2.NetParameter(name=self.name)
+        for layer in self.layers:
+            lp = param.layer.add()
+            lp.CopyFrom(layer.layer_param)
+            del lp.blobs[:]
+            for blob in layer.blobs:
+                lp.blobs.append(blob_to_proto(blob, write_diff))
+        return param
+
+    def save(self, path: str) -> None:
+        """Write the weights as a binary caffemodel (atomically)."""
+        from netengine.io import write_binary_proto
+
+        write_binary_proto(path, self.to_proto())
+
+    def __repr__(self) -> str:
+        return f"<Net '{self.name}' {len(self.layers)} layers, phase {caffe_pb2.Phase.Name(self.phase)}>"

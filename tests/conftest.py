@@ -1,0 +1,54 @@
+"""Shared test fixtures: the ../shared material and the array-module (backend) parameter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GOLDEN = SHARED / "caffe-golden" / "cases"
+ACCEPTANCE = SHARED / "acceptance"
+
+
+def _cupy_usable() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+HAVE_GPU = _cupy_usable()
+
+
+def need_shared(*parts: str) -> Path:
+    """Path under ../shared, or skip the test where the shared material is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared material not available)")
+    return path
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return need_shared()
+
+
+@pytest.fixture
+def golden_dir() -> Path:
+    return need_shared("caffe-golden", "cases")
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """The array module a layer test runs on: NumPy always, CuPy where a GPU is present."""
+    if request.param == "numpy":
+        return np
+    if not HAVE_GPU:
+        pytest.skip("CuPy with a usable GPU is not available")
+    import cupy
+
+    return cupy
