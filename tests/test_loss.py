@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from netengine import backend
-from netengine.errors import LayerError
+from netengine.errors import LayerError, NetEngineError
 from netengine.testing import check_gradient, make_blobs, make_layer, setup_layer
 
 
@@ -18,10 +18,10 @@ def np_softmax(x, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def with_labels(xp, shapes, labels, seed=0):
-    """Blobs for `shapes`, the last one overwritten with the integer `labels`."""
-    blobs = make_blobs(shapes, xp=xp, seed=seed)
-    blobs[-1].data[...] = xp.asarray(np.asarray(labels, dtype=np.float64).reshape(shapes[-1]))
+def with_labels(xp, shapes, labels, at=-1):
+    """Blobs for `shapes`, blob `at` (default the last) overwritten with the integer `labels`."""
+    blobs = make_blobs(shapes, xp=xp)
+    blobs[at].data[...] = xp.asarray(np.asarray(labels, dtype=np.float64).reshape(shapes[at]))
     return blobs
 
 
@@ -283,6 +283,70 @@ def test_contrastive_loss_gradient_caffe_epsilon(xp):
     expected = np.where([[0], [0], [1]], delta, beta[:, None] * delta) / 3
     np.testing.assert_allclose(host(bottom[0].diff), expected, rtol=1e-12)
     np.testing.assert_allclose(host(bottom[1].diff), -expected, rtol=1e-12)
+
+
+# -- InfogainLoss -----------------------------------------------------------------------------
+def test_infogain_identity_equals_softmax_loss(xp):
+    bottom = with_labels(xp, [(2, 4, 3), (2, 3), (4, 4)], LABELS, at=1)
+    bottom[2].data[...] = xp.asarray(np.eye(4))
+    layer = make_layer('type: "InfogainLoss" loss_param { ignore_label: -1 }')
+    top = setup_layer(layer, bottom, 2)
+    layer.forward(bottom, top)
+    expected = softmax_loss_reference(host(bottom[0].data), LABELS, -1, "VALID")
+    assert float(host(top[0].data)) == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(host(top[1].data), np_softmax(host(bottom[0].data), 1))
+
+
+@pytest.mark.parametrize("loss_param", ["", "ignore_label: -1 normalization: FULL"])
+def test_infogain_loss_gradient(xp, loss_param):
+    labels = LABELS if loss_param else [[0, 3, 1], [2, 2, 3]]
+    bottom = with_labels(xp, [(2, 4, 3), (2, 3), (4, 4)], labels, at=1)
+    h = np.random.default_rng(5).uniform(size=(4, 4))
+    bottom[2].data[...] = xp.asarray(h)
+    layer = make_layer(f'type: "InfogainLoss" loss_param {{ {loss_param} }}')
+    top = setup_layer(layer, bottom)
+    layer.forward(bottom, top)
+    prob = np_softmax(host(bottom[0].data), 1)
+    lab = np.asarray(labels)
+    valid = lab != -1
+    rows = np.moveaxis(h[np.where(valid, lab, 0)], 2, 1)
+    total = -np.sum((rows * np.log(prob)).sum(axis=1) * valid)
+    divisor = 6 if loss_param else valid.sum()
+    assert float(host(top[0].data)) == pytest.approx(total / divisor, rel=1e-12)
+    check_gradient(layer, bottom, top, check_bottom=[0])
+
+
+def test_infogain_matrix_from_source(xp, tmp_path):
+    from netengine.proto import caffe_pb2
+
+    h = np.random.default_rng(6).uniform(size=(3, 3))
+    proto = caffe_pb2.BlobProto()
+    proto.num, proto.channels, proto.height, proto.width = 1, 1, 3, 3
+    proto.data.extend(h.ravel().tolist())
+    path = tmp_path / "h.binaryproto"
+    path.write_bytes(proto.SerializeToString())
+    bottom = with_labels(xp, [(2, 3), (2,), (3, 3)], [2, 0], at=1)
+    bottom[2].data[...] = xp.asarray(h.astype(np.float32))
+    with_bottom = make_layer('type: "InfogainLoss"')
+    top_b = setup_layer(with_bottom, bottom)
+    with_bottom.forward(bottom, top_b)
+    layer = make_layer(f'type: "InfogainLoss" infogain_loss_param {{ source: "{path}" }}')
+    top = setup_layer(layer, bottom[:2])
+    layer.forward(bottom[:2], top)
+    assert float(host(top[0].data)) == pytest.approx(float(host(top_b[0].data)), rel=1e-12)
+
+
+def test_infogain_errors(xp):
+    bottom = with_labels(xp, [(2, 3), (2,), (2, 2)], [2, 0], at=1)
+    with pytest.raises(LayerError, match="3x3"):
+        setup_layer(make_layer('type: "InfogainLoss"'), bottom)
+    with pytest.raises(LayerError, match="source"):
+        setup_layer(make_layer('type: "InfogainLoss"'), bottom[:2])
+    with pytest.raises(LayerError, match="normalization"):
+        setup_layer(make_layer('type: "InfogainLoss" loss_param { normalize: true }'), bottom)
+    with pytest.raises(NetEngineError, match="infogainloss.*file not found"):
+        setup_layer(make_layer('type: "InfogainLoss" infogain_loss_param { source: "/no/h" }'),
+                    bottom[:2])
 
 
 # -- Accuracy ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from netengine.blob import Blob
+from netengine.errors import NetEngineError
 from netengine.layers.base import Layer, LossLayer, register
 from netengine.proto import caffe_pb2
 
@@ -391,6 +392,111 @@ class ContrastiveLoss(LossLayer):
         for i, sign in ((0, 1), (1, -1)):
             if propagate_down[i]:
                 bottom[i].diff[...] = (sign * grad).reshape(bottom[i].shape)
+
+
+@register
+class InfogainLoss(LossLayer):
+    """loss = -Σ_positions Σ_l H[label, l]·log(max(p_l, 1e-20)) / normaliser, p = softmax(x).
+
+    BVLC master applies the softmax itself (along ``infogain_loss_param.axis``), so the first
+    bottom holds scores, as for SoftmaxWithLoss. H is (C, C): a third bottom, or a BlobProto
+    file ``infogain_loss_param.source`` (read once at setup, path relative to the working
+    directory). ignore_label and ``loss_param.normalization`` (default VALID) as in
+    SoftmaxWithLoss; the deprecated ``normalize`` is refused, as Caffe does.
+    Gradient: (p_k·Σ_l H[label, l] - H[label, k])·loss_weight/normaliser, zero where ignored.
+    An optional second top receives p. Neither labels nor H get gradients.
+    """
+
+    type = "InfogainLoss"
+    exact_bottoms = None
+    min_bottoms = 2
+    max_bottoms = 3
+    exact_tops = None
+    min_tops = 1
+    max_tops = 2
+
+    def layer_setup(self, bottom: list[Blob], top: list[Blob]) -> None:
+        param = self.layer_param.loss_param
+        if param.HasField("normalize"):
+            raise self.fail("loss_param.normalize is deprecated and refused by InfogainLoss: "
+                            "use loss_param.normalization")
+        self.ignore_label = param.ignore_label if param.HasField("ignore_label") else None
+        self.normalization = param.normalization
+        self.matrix = None
+        if len(bottom) < 3:
+            source = self.layer_param.infogain_loss_param.source
+            if not source:
+                raise self.fail("needs the infogain matrix: a third bottom or "
+                                "infogain_loss_param.source")
+            from netengine.io import read_binary_proto
+            from netengine.net import blob_from_proto
+
+            try:
+                proto = read_binary_proto(source, caffe_pb2.BlobProto())
+                values = blob_from_proto(proto, dtype=self.dtype)
+            except NetEngineError as err:
+                raise err.with_context(layer=self.name, layer_type=self.type) from None
+            self.matrix = Blob(values.shape, dtype=self.dtype, xp=self.xp)
+            self.matrix.data[...] = self.xp.asarray(values)
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return bottom_index == 0
+
+    def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
+        super().reshape(bottom, top)
+        score = bottom[0]
+        self.axis = _class_axis(self, score, self.layer_param.infogain_loss_param.axis,
+                                "infogain_loss_param.axis")
+        self.outer = score.count_range(0, self.axis)
+        self.inner = score.count_range(self.axis + 1)
+        if bottom[1].count != self.outer * self.inner:
+            raise self.fail(f"number of labels must match the number of predictions: scores "
+                            f"{score.shape} with class axis {self.axis} need "
+                            f"{self.outer * self.inner} labels, got {bottom[1].count}")
+        classes = score.shape[self.axis]
+        matrix = bottom[2] if len(bottom) > 2 else self.matrix
+        if matrix.count != classes * classes:
+            raise self.fail(f"the infogain matrix H must be {classes}x{classes} (one row and "
+                            f"column per class), got shape {matrix.shape}")
+        if len(top) > 1:
+            top[1].reshape(score.shape)
+
+    def _h(self, bottom: list[Blob]):
+        matrix = bottom[2] if len(bottom) > 2 else self.matrix
+        classes = bottom[0].shape[self.axis]
+        return matrix.data.reshape(classes, classes)
+
+    def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        xp = bottom[0].xp
+        classes = bottom[0].shape[self.axis]
+        prob = _softmax(xp, bottom[0].data, self.axis).reshape(self.outer, classes, self.inner)
+        labels, valid = _labels(self, bottom[1], classes, self.ignore_label)
+        labels = labels.reshape(self.outer, self.inner)
+        valid = valid.reshape(self.outer, self.inner)
+        rows = xp.moveaxis(self._h(bottom)[labels], 2, 1)  # H[label] as (outer, C, inner)
+        terms = (rows * xp.log(xp.maximum(prob, 1e-20))).sum(axis=1)
+        self.normalizer = _normalizer(xp, self.normalization, self.outer, self.inner,
+                                      valid.sum(), prob.dtype)
+        top[0].data[...] = -xp.where(valid, terms, 0).sum() / self.normalizer
+        self.prob, self.labels, self.valid = prob, labels, valid
+        if len(top) > 1:
+            top[1].data[...] = prob.reshape(bottom[0].shape)
+
+    def compute_backward(self, top, propagate_down, bottom) -> None:
+        if propagate_down[1]:
+            raise self.fail("cannot back-propagate to the labels (bottom 1)")
+        if len(propagate_down) > 2 and propagate_down[2]:
+            raise self.fail("cannot back-propagate to the infogain matrix (bottom 2)")
+        if not propagate_down[0]:
+            return
+        xp = bottom[0].xp
+        h = self._h(bottom)
+        rows = xp.moveaxis(h[self.labels], 2, 1)
+        row_sums = h.sum(axis=1)[self.labels][:, None, :]
+        grad = self.prob * row_sums - rows
+        grad *= self.valid[:, None, :]
+        grad *= top[0].diff / self.normalizer
+        bottom[0].diff[...] = grad.reshape(bottom[0].shape)
 
 
 @register
