@@ -16,8 +16,13 @@ from netengine.proto import caffe_pb2
 
 
 def _sigmoid(xp, x):
-    """1 / (1 + e^-x) as Caffe computes it: 0.5·tanh(0.5·x) + 0.5 (no overflow)."""
-    return 0.5 * xp.tanh(0.5 * x) + 0.5
+    """1 / (1 + e^-x) without overflow, and accurate for large negative x.
+
+    Caffe's Sigmoid uses 0.5·tanh(0.5·x) + 0.5, which rounds values below ~1e-17 to 0; this
+    form keeps them (e^x / (1 + e^x) for x < 0) and is otherwise the same to rounding.
+    """
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1, e) / (1 + e)
 
 
 class _Elementwise(NeuronLayer):
@@ -77,7 +82,7 @@ class ReLU(_Elementwise):
 
 @register
 class Sigmoid(_Elementwise):
-    """y = 1 / (1 + e^-x), computed as 0.5·tanh(0.5·x) + 0.5;  dy/dx = y·(1 − y)."""
+    """y = 1 / (1 + e^-x);  dy/dx = y·(1 − y) (read off the output, as in Caffe)."""
 
     type = "Sigmoid"
     saves_input = False
