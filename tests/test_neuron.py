@@ -327,6 +327,16 @@ def test_prelu_errors(xp):
 
 # -- Dropout ---------------------------------------------------------------------------------
 
+@pytest.fixture
+def seeded_mode(xp):
+    """GPU mode on CuPy runs: set_random_seed only re-seeds CuPy's generator in GPU mode, and
+    these tests rely on a re-seeded forward drawing the same mask."""
+    if xp is not np:
+        netengine.set_mode_gpu()
+    yield xp
+    netengine.set_mode_cpu()
+
+
 def test_dropout_test_phase_is_identity(xp):
     x = host(make_blobs([SHAPE], xp=xp)[0].data)
     dy = np.random.default_rng(1).normal(size=SHAPE)
@@ -336,7 +346,8 @@ def test_dropout_test_phase_is_identity(xp):
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.2])
-def test_dropout_train_masks_and_scales(xp, ratio):
+def test_dropout_train_masks_and_scales(seeded_mode, ratio):
+    xp = seeded_mode
     text = f'type: "Dropout" dropout_param {{ dropout_ratio: {ratio} }}'
     x = host(make_blobs([(8, 10, 10)], xp=xp)[0].data)
     dy = np.random.default_rng(1).normal(size=x.shape)
@@ -351,7 +362,8 @@ def test_dropout_train_masks_and_scales(xp, ratio):
     assert abs(kept.mean() - (1 - ratio)) < 0.06
 
 
-def test_dropout_train_gradient_and_fresh_masks(xp):
+def test_dropout_train_gradient_and_fresh_masks(seeded_mode):
+    xp = seeded_mode
     layer = make_layer('type: "Dropout"')
     bottom = make_blobs([(2, 3, 4)], xp=xp)
     top = setup_layer(layer, bottom)
