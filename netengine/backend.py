@@ -96,8 +96,10 @@ def set_random_seed(seed: int) -> None:
     """Seed every random stream netengine draws from (fillers, dropout, data shuffling)."""
     _state["seed"] = int(seed)
     _rng[0] = np.random.default_rng(int(seed))
-    if _state["mode"] == "gpu":
-        _import_cupy().random.seed(int(seed))
+    cupy = _import_cupy()
+    if cupy is not None and cupy_available():
+        # Seeded whatever the mode, so CuPy arrays used in CPU mode repeat their draws too.
+        cupy.random.seed(int(seed))
 
 
 def rng() -> np.random.Generator:
