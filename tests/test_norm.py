@@ -142,6 +142,18 @@ def test_batchnorm_refuses_learned_statistics():
     assert "bn1" in str(err.value) and "lr_mult" in str(err.value)
 
 
+def test_batchnorm_accepts_legacy_shaped_statistics(xp):
+    layer = make_layer(BN_GLOBAL)
+    layer.blobs = [Blob(shape, dtype=np.float64, xp=xp) for shape in
+                   [(1, 1, 1, 3), (1, 1, 1, 3), (1, 1, 1, 1)]]
+    bottom = make_blobs([(2, 3, 2)], xp=xp)
+    top = setup_layer(layer, bottom)
+    layer.blobs[1].data[...] = 1.0
+    layer.blobs[2].data[...] = 1.0
+    layer.forward(bottom, top)
+    np.testing.assert_allclose(host(top[0].data), host(bottom[0].data) / np.sqrt(1 + 1e-5))
+
+
 def test_batchnorm_channel_mismatch():
     layer = make_layer(BN_TRAIN)
     bottom = make_blobs([(2, 3)])

@@ -85,6 +85,8 @@ def test_flatten_shapes(xp, params, shape):
 
 def test_flatten_errors():
     expect_error('type: "Flatten" flatten_param { axis: 4 }', [(2, 3, 4, 5)], "out of range")
+    expect_error('type: "Flatten" flatten_param { axis: 2 end_axis: 0 }', [(2, 3, 4, 5)],
+                 "must not come before")
     layer = make_layer('type: "Flatten"')
     bottom = make_blobs([(2, 3)])
     with pytest.raises(LayerError, match="in-place"):

@@ -109,8 +109,8 @@ class BatchNorm(Layer):
         if self.use_global_stats:
             s2 = self.blobs[2].data.reshape(())
             factor = (s2 != 0) / xp.where(s2 == 0, 1, s2)
-            mean = self.blobs[0].data * factor
-            var = self.blobs[1].data * factor
+            mean = self.blobs[0].data.reshape(-1) * factor
+            var = self.blobs[1].data.reshape(-1) * factor
         else:
             mean = x.mean(axis=(0, 2))
             var = ((x - mean[:, None]) ** 2).mean(axis=(0, 2))
@@ -118,8 +118,10 @@ class BatchNorm(Layer):
             correction = m / (m - 1) if m > 1 else 1.0
             lam = param.moving_average_fraction
             self.blobs[2].data[...] = lam * self.blobs[2].data + 1
-            self.blobs[0].data[...] = lam * self.blobs[0].data + mean
-            self.blobs[1].data[...] = lam * self.blobs[1].data + correction * var
+            self.blobs[0].data[...] = (lam * self.blobs[0].data.reshape(-1)
+                                       + mean).reshape(self.blobs[0].shape)
+            self.blobs[1].data[...] = (lam * self.blobs[1].data.reshape(-1)
+                                       + correction * var).reshape(self.blobs[1].shape)
         self._inv_std = (1 / xp.sqrt(var + param.eps))[:, None]
         self._x_hat = (x - mean[:, None]) * self._inv_std
         top[0].data[...] = self._x_hat.reshape(top[0].shape)

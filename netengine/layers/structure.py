@@ -58,6 +58,8 @@ class Flatten(Layer):
             end = bottom[0].canonical_axis(param.end_axis)
         except IndexError as err:
             raise self.fail(f"flatten_param axis/end_axis: {err}") from None
+        if end + 1 < start:
+            raise self.fail(f"flatten_param.end_axis ({end}) must not come before axis ({start})")
         shape = bottom[0].shape
         new_shape = shape[:start] + (bottom[0].count_range(start, end + 1),) + shape[end + 1:]
         top[0].reshape(new_shape)
