@@ -414,3 +414,38 @@ def test_mvn_gradient(xp, params):
 
 def test_mvn_in_place(xp):
     assert_inplace_matches('type: "MVN"', (2, 3, 2, 3), xp)
+
+
+# -- in place inside a net, against Caffe's output --------------------------------------------
+def test_bn_scale_chain_in_place_matches_caffe():
+    from conftest import need_shared
+    from google.protobuf import text_format
+
+    import netengine
+    from netengine.proto import caffe_pb2
+
+    cases = need_shared("caffe-golden", "cases")
+    param = text_format.Parse((cases / "bn_scale_chain.prototxt").read_text(),
+                              caffe_pb2.NetParameter())
+    param.layer[1].top[0] = "data"        # bn: data -> data
+    param.layer[2].bottom[0] = "data"     # scale: data -> data
+    param.layer[2].top[0] = "data"
+    ref = np.load(cases / "bn_scale_chain.npz")
+    net = netengine.Net(param, netengine.TRAIN)
+    net.blobs["data"].data[...] = ref["bottom/data"]
+    for layer in ("bn", "scale"):
+        for i, blob in enumerate(net.params[layer]):
+            blob.data[...] = ref[f"param/{layer}/{i}"].reshape(blob.shape)
+    net.forward()
+    tol = dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(net.blobs["data"].data, ref["top/out"], **tol)
+    for i in range(3):
+        np.testing.assert_allclose(net.params["bn"][i].data, ref[f"param_after_forward/bn/{i}"],
+                                   **tol)
+    net.blobs["data"].diff[...] = ref["top_diff/out"]
+    net.clear_param_diffs()
+    net.backward()
+    np.testing.assert_allclose(net.blobs["data"].diff, ref["bottom_diff/data"], **tol)
+    for i in range(2):
+        np.testing.assert_allclose(net.params["scale"][i].diff, ref[f"param_diff/scale/{i}"],
+                                   **tol)
