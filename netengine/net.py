@@ -602,4 +602,5 @@ class Net:
         write_binary_proto(path, self.to_proto())
 
     def __repr__(self) -> str:
-        return f"<Net '{self.name}' {len(self.layers)} layers, phase {caffe_pb2.Phase.Name(self.phase)}>"
+        phase = caffe_pb2.Phase.Name(self.phase)
+        return f"<Net '{self.name}' {len(self.layers)} layers, phase {phase}>"
