@@ -1,8 +1,22 @@
-"""Data layers: where blobs enter the net (Input for deploy nets; readers for training)."""
+"""Data layers: where blobs enter the net (Input for deploy nets; readers for training).
+
+Data (LMDB of Datum records, or MNIST IDX files), MemoryData, DummyData and HDF5Data. Readers
+prepare batches on the host (NumPy) and copy them into the tops on the tops' device.
+"""
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from netengine import backend, datasets, fillers
 from netengine.blob import Blob
+from netengine.errors import LayerError, NetEngineError
 from netengine.layers.base import Layer, register
+from netengine.proto import caffe_pb2
 
 
 @register
@@ -35,6 +49,579 @@ class Input(Layer):
 
     def compute_forward(self, bottom, top) -> None:
         pass
+
+    def compute_backward(self, top, propagate_down, bottom) -> None:
+        pass
+
+
+# -- shared helpers for the readers -------------------------------------------------------------
+def _random_seed() -> int:
+    """netengine's random seed (set by the solver's random_seed), or 0 when none was set."""
+    seed = backend._state.get("seed")
+    return 0 if seed is None or seed < 0 else int(seed)
+
+
+def _to_top(blob: Blob, array: np.ndarray) -> None:
+    """Copy a host array into a top blob of the same shape (on the blob's device)."""
+    if blob.shape != array.shape:
+        blob.reshape(array.shape)
+    blob.data[...] = backend.to_module(array, blob.xp)
+
+
+def _prefetch_loop(make_batch, out: queue.Queue, stop: threading.Event, index: int) -> None:
+    """Worker: prepare batches index, index+1, ... into ``out`` until ``stop`` (or an error)."""
+    while not stop.is_set():
+        try:
+            item = (index, make_batch(index), None)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            item = (index, None, err)
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                continue
+        if item[2] is not None:
+            return
+        index += 1
+
+
+class Prefetcher:
+    """A daemon thread preparing the next ``depth`` batches of ``make_batch(index)``.
+
+    ``get(index)`` returns batch ``index``; asking for any other index than the one after the
+    last (a seek) restarts the thread there. ``stop()`` ends the thread and drops its queue.
+    The thread holds only ``make_batch`` (never the layer), so a dropped layer can be collected.
+    """
+
+    def __init__(self, make_batch, depth: int, name: str = "netengine-prefetch") -> None:
+        self.make_batch, self.depth, self.name = make_batch, max(int(depth), 1), name
+        self.thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        self._next: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, index: int) -> None:
+        self.stop()
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=_prefetch_loop, name=self.name, daemon=True,
+                                       args=(self.make_batch, self._queue, self._stop, index))
+        self._next = index
+        self.thread.start()
+
+    def get(self, index: int):
+        if self.thread is None or self._next != index:
+            self.start(index)
+        while True:
+            try:
+                got, batch, err = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    self.thread = None
+                    raise RuntimeError("the prefetch thread stopped unexpectedly") from None
+        if err is not None:
+            self.thread, self._next = None, None
+            raise err
+        self._next = got + 1
+        return batch
+
+    def stop(self) -> None:
+        thread, self.thread, self._next = self.thread, None, None
+        if thread is None:
+            return
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        thread.join(timeout=10.0)
+
+
+def _shutdown(prefetcher: Prefetcher | None, source) -> None:
+    if prefetcher is not None:
+        prefetcher.stop()
+    if source is not None:
+        source.close()
+
+
+def _resolve(layer: Layer, what: str, path: str, gz: bool = True,
+             extra_dirs: tuple = ()) -> Path:
+    if not path:
+        raise layer.fail(f"{what} is empty")
+    found = datasets.resolve_source(path, (*extra_dirs, *layer.search_dirs), gz=gz)
+    if found is None:
+        raise layer.fail(f"{what} not found: "
+                         f"{datasets.search_description(path, (*extra_dirs, *layer.search_dirs))}")
+    return found
+
+
+@register
+class Data(Layer):
+    """Caffe's Data layer: batches of records → data (N, C, H, W) and optional label (N,).
+
+    data_param: ``source``, ``batch_size``, ``backend`` (LMDB; LEVELDB is refused with a hint),
+    ``prefetch`` (batches prepared ahead by a background thread; 0 = none), ``rand_skip``.
+    netengine's extension: a source naming an MNIST IDX images file (``…-idx3-ubyte[.gz]``) is
+    read directly, labels from the ``…-idx1-ubyte[.gz]`` file beside it (backend ignored).
+    Relative sources resolve against the current directory, then ``search_dirs`` (set by the
+    net), then ``netengine.datasets.SEARCH_DIRS`` (the repository root).
+
+    Records are served in order and wrap around: batch ``b`` holds records
+    ``[s + b·N, s + (b+1)·N) mod size`` with ``s`` the rand_skip offset (drawn once from the
+    seed, in [0, rand_skip), as Caffe skips ``rand() % rand_skip`` records). transform_param
+    gives ``top = (x − mean)·scale``, then crop (TRAIN: random offset; TEST: centre) and
+    mirror (a coin flip per image in both phases, as Caffe). The coins and offsets of batch
+    ``b`` come from a generator seeded with (random seed at setup, b), so ``seek(b)`` (the
+    next forward serves batch b) makes a resumed run bit-identical to an uninterrupted one.
+    Deprecated data_param scale/mean_file/crop_size/mirror (V1 nets) are honoured when
+    transform_param does not set the same field.
+    """
+
+    type = "Data"
+    exact_bottoms = 0
+    min_tops = 1
+    max_tops = 2
+    search_dirs: tuple = ()
+
+    def layer_setup(self, bottom, top: list[Blob]) -> None:
+        p = self.layer_param.data_param
+        if p.batch_size <= 0:
+            raise self.fail("data_param.batch_size must be positive")
+        self.batch_size = int(p.batch_size)
+        self.source = self._open_source(p)
+        self.transformer = self._make_transformer(p)
+        try:
+            shape = self.transformer.output_shape(self.source.shape)
+        except NetEngineError as err:
+            self.source.close()
+            raise self.fail(err.message) from None
+        self.seed = _random_seed()
+        self.skip = 0
+        if p.rand_skip:
+            skip_rng = np.random.default_rng([self.seed, 0x5EED])
+            self.skip = int(skip_rng.integers(0, p.rand_skip))
+        self._next = 0
+        top[0].reshape((self.batch_size, *shape))
+        if len(top) > 1:
+            top[1].reshape((self.batch_size,))
+        self.prefetcher = (Prefetcher(self._batch_maker(), p.prefetch,
+                                      f"netengine-prefetch-{self.name}")
+                           if p.prefetch > 0 else None)
+        self._finalizer = weakref.finalize(self, _shutdown, self.prefetcher, self.source)
+
+    def _open_source(self, p):
+        path = _resolve(self, "data_param.source", p.source)
+        try:
+            if path.is_file() and path.suffix != ".mdb":
+                return datasets.IDXSource(path)
+            explicit_leveldb = (p.HasField("backend")
+                                and p.backend == caffe_pb2.DataParameter.LEVELDB)
+            if datasets.is_leveldb(path) or (explicit_leveldb and not datasets.is_lmdb(path)):
+                raise self.fail(f"LEVELDB databases are not supported ({path}): convert the data "
+                                "to LMDB (tools/convert_mnist ... --backend lmdb for MNIST) and "
+                                "set data_param.backend: LMDB")
+            if explicit_leveldb:
+                raise self.fail(f"{path} is an LMDB database but data_param.backend is LEVELDB: "
+                                "set backend: LMDB")
+            if not datasets.is_lmdb(path):
+                raise self.fail(f"{path} is neither an LMDB folder (with data.mdb) nor an MNIST "
+                                "IDX images file")
+            return datasets.LMDBSource(path)
+        except NetEngineError as err:
+            if isinstance(err, LayerError) and err.layer is not None:
+                raise
+            raise self.fail(err.message) from None
+
+    def _make_transformer(self, p) -> datasets.Transformer:
+        param = caffe_pb2.TransformationParameter()
+        param.CopyFrom(self.layer_param.transform_param)
+        for old in ("scale", "mean_file", "crop_size", "mirror"):
+            if p.HasField(old) and not param.HasField(old):
+                setattr(param, old, getattr(p, old))
+        mean = None
+        try:
+            if param.HasField("mean_file"):
+                if len(param.mean_value):
+                    raise self.fail("transform_param: give mean_file or mean_value, not both")
+                mean = datasets.read_mean_file(
+                    _resolve(self, "transform_param.mean_file", param.mean_file, gz=False))
+            return datasets.Transformer(param, self.phase, mean)
+        except NetEngineError as err:
+            if isinstance(err, LayerError) and err.layer is not None:
+                raise
+            raise self.fail(err.message) from None
+
+    def _batch_maker(self):
+        """A function of the batch index only (no reference to the layer): safe in a thread."""
+        source, transformer, dtype = self.source, self.transformer, self.dtype
+        n, skip, seed, size = self.batch_size, self.skip, self.seed, len(self.source)
+
+        def make_batch(index: int):
+            records = (skip + index * n + np.arange(n, dtype=np.int64)) % size
+            images, labels = source.read(records)
+            rng = np.random.default_rng([seed, int(index)])
+            return transformer.apply(images, rng, dtype), labels.astype(dtype)
+
+        return make_batch
+
+    # -- position ---------------------------------------------------------------------------
+    @property
+    def batch_index(self) -> int:
+        """The batch number the next forward serves (counted from the start)."""
+        return self._next
+
+    def seek(self, batch_index: int) -> None:
+        """Make the next forward serve batch ``batch_index`` (records b·N … (b+1)·N − 1)."""
+        if batch_index < 0:
+            raise self.fail(f"seek needs a batch index >= 0, got {batch_index}")
+        self._next = int(batch_index)
+
+    def close(self) -> None:
+        """Stop the prefetch thread and close the source (also done when collected)."""
+        self._finalizer()
+
+    # -- passes -----------------------------------------------------------------------------
+    def reshape(self, bottom, top) -> None:
+        pass
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The host arrays (data, labels) of the next batch; advances the position."""
+        index = self._next
+        try:
+            if self.prefetcher is None:
+                batch = self._batch_maker()(index)
+            else:
+                batch = self.prefetcher.get(index)
+        except NetEngineError as err:
+            raise self.fail(f"batch {index}: {err.message}") from None
+        except Exception as err:
+            raise self.fail(f"reading batch {index} failed: {type(err).__name__}: {err}") from err
+        self._next = index + 1
+        return batch
+
+    def compute_forward(self, bottom, top) -> None:
+        data, labels = self.next_batch()
+        _to_top(top[0], data)
+        if len(top) > 1:
+            _to_top(top[1], labels)
+
+    def compute_backward(self, top, propagate_down, bottom) -> None:
+        pass
+
+
+@register
+class MemoryData(Layer):
+    """Caffe's MemoryData: batches from arrays given with ``set_input_arrays(data, labels)``.
+
+    memory_data_param gives batch_size, channels, height, width (all required, > 0); tops
+    data (N, C, H, W) and label (N,). Like Caffe's Reset path, the arrays are served as they
+    are (no transform_param), batch after batch, wrapping around; their number of items must
+    be a multiple of batch_size. Unlike Caffe, the arrays are copied (changing them afterwards
+    has no effect) in the layer's dtype on its device.
+    """
+
+    type = "MemoryData"
+    exact_bottoms = 0
+    exact_tops = 2
+
+    def layer_setup(self, bottom, top: list[Blob]) -> None:
+        p = self.layer_param.memory_data_param
+        dims = (p.batch_size, p.channels, p.height, p.width)
+        if min(dims) <= 0:
+            raise self.fail("memory_data_param needs batch_size, channels, height and width, "
+                            f"all positive; got {dims}")
+        self.batch_size = int(p.batch_size)
+        self.item_shape = (int(p.channels), int(p.height), int(p.width))
+        self._data = self._labels = None
+        self._pos = 0
+        top[0].reshape((self.batch_size, *self.item_shape))
+        top[1].reshape((self.batch_size,))
+
+    def _device_array(self, array):
+        if not hasattr(array, "shape"):
+            array = np.asarray(array)
+        return backend.to_module(array, self.xp).astype(self.dtype, copy=True)
+
+    def reset(self, data, labels) -> None:
+        """Serve ``data`` (N, C, H, W) and ``labels`` (N,) from the start."""
+        shape = tuple(getattr(data, "shape", np.shape(data)))
+        if len(shape) != 4 or shape[1:] != self.item_shape:
+            wanted = ", ".join(map(str, self.item_shape))
+            raise self.fail(f"set_input_arrays needs data of shape (N, {wanted}), got {shape}")
+        label_shape = tuple(getattr(labels, "shape", np.shape(labels)))
+        if (not label_shape or label_shape[0] != shape[0]
+                or int(np.prod(label_shape[1:], dtype=np.int64)) != 1):
+            raise self.fail(f"set_input_arrays needs {shape[0]} labels (shape (N,) or "
+                            f"(N, 1, 1, 1)), got shape {label_shape}")
+        if shape[0] == 0 or shape[0] % self.batch_size:
+            raise self.fail(f"the number of items ({shape[0]}) must be a positive multiple of "
+                            f"batch_size {self.batch_size}")
+        self._data = self._device_array(data)
+        self._labels = self._device_array(labels).reshape(-1)
+        self._pos = 0
+
+    set_input_arrays = reset
+
+    def set_batch_size(self, batch_size: int) -> None:
+        if batch_size <= 0:
+            raise self.fail(f"batch_size must be positive, got {batch_size}")
+        if self._data is not None and len(self._data) % batch_size:
+            raise self.fail(f"the number of items ({len(self._data)}) must be a multiple of "
+                            f"batch_size {batch_size}")
+        self.batch_size = int(batch_size)
+        self._pos = 0
+
+    @property
+    def batch_index(self) -> int:
+        return self._pos // self.batch_size
+
+    def seek(self, batch_index: int) -> None:
+        """Make the next forward serve batch ``batch_index`` (wrapping around the arrays)."""
+        n = len(self._data) if self._data is not None else self.batch_size
+        self._pos = (int(batch_index) * self.batch_size) % n
+
+    def reshape(self, bottom, top) -> None:
+        top[0].reshape((self.batch_size, *self.item_shape))
+        top[1].reshape((self.batch_size,))
+
+    def compute_forward(self, bottom, top) -> None:
+        if self._data is None:
+            raise self.fail("no data: call set_input_arrays(data, labels) before forward")
+        end = self._pos + self.batch_size
+        top[0].data[...] = self._data[self._pos:end]
+        top[1].data[...] = self._labels[self._pos:end]
+        self._pos = end % len(self._data)
+
+    def compute_backward(self, top, propagate_down, bottom) -> None:
+        pass
+
+
+@register
+class DummyData(Layer):
+    """Caffe's DummyData: tops of given shapes filled by data_filler(s).
+
+    dummy_data_param: ``shape`` (1 or one per top) or the legacy num/channels/height/width
+    (each 1 or one per top; not both forms); ``data_filler``: none (constant 0), one for every
+    top, or one per top. All tops are filled at setup; forward refills only the tops whose
+    filler is not "constant" (Caffe's refill rule), drawing from netengine's seeded generator.
+    """
+
+    type = "DummyData"
+    exact_bottoms = 0
+    min_tops = 1
+
+    def layer_setup(self, bottom, top: list[Blob]) -> None:
+        p = self.layer_param.dummy_data_param
+        n = len(top)
+        if len(p.data_filler) not in (0, 1, n):
+            raise self.fail(f"give 0, 1 or {n} data_filler(s) (one per top), "
+                            f"got {len(p.data_filler)}")
+        legacy = {f: list(getattr(p, f)) for f in ("num", "channels", "height", "width")}
+        if any(legacy.values()):
+            if len(p.shape):
+                raise self.fail("give shape or num/channels/height/width, not both")
+            for field, values in legacy.items():
+                if len(values) not in (1, n):
+                    raise self.fail(f"legacy dummy_data_param needs 1 or {n} '{field}' value(s), "
+                                    f"got {len(values)}")
+            shapes = [tuple(legacy[f][i if len(legacy[f]) > 1 else 0] for f in legacy)
+                      for i in range(n)]
+        else:
+            if len(p.shape) not in (1, n):
+                raise self.fail(f"give 1 or {n} shape(s) (one per top), got {len(p.shape)}")
+            shapes = [tuple(p.shape[i if len(p.shape) > 1 else 0].dim) for i in range(n)]
+        if len(p.data_filler):
+            self.fillers = [p.data_filler[i if len(p.data_filler) > 1 else 0] for i in range(n)]
+        else:
+            self.fillers = [caffe_pb2.FillerParameter(type="constant", value=0)] * n
+        self.refill = [f.type != "constant" for f in self.fillers]
+        for blob, shape, filler in zip(top, shapes, self.fillers):
+            blob.reshape(shape)
+            self._fill(blob, filler)
+
+    def _fill(self, blob: Blob, filler) -> None:
+        try:
+            fillers.fill(blob, filler)
+        except LayerError as err:
+            raise err.with_context(layer=self.name, layer_type=self.type) from None
+
+    def reshape(self, bottom, top) -> None:
+        pass
+
+    def compute_forward(self, bottom, top) -> None:
+        for blob, filler, refill in zip(top, self.fillers, self.refill):
+            if refill:
+                self._fill(blob, filler)
+
+    def compute_backward(self, top, propagate_down, bottom) -> None:
+        pass
+
+
+def _import_h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise LayerError("HDF5Data needs the h5py package: pip install 'netengine[hdf5]' "
+                         "(or pip install h5py)") from None
+    return h5py
+
+
+@register
+class HDF5Data(Layer):
+    """Caffe's HDF5Data: rows of the datasets named by the tops, from a list of .h5 files.
+
+    hdf5_data_param: ``source`` (a text file listing .h5 files, one per line; relative names
+    resolve against the current directory, then the list's folder), ``batch_size``,
+    ``shuffle``. Top i has shape (batch_size, *dataset_i.shape[1:]); all datasets of a file
+    have the same number of rows. Rows are served in order, file after file, wrapping around;
+    with shuffle the file order is shuffled at setup and at every wrap, and the rows of a file
+    whenever it is loaded or restarted (Caffe's rule), from a generator seeded with the
+    random seed. ``seek(b)`` replays that bookkeeping, so batch b is reproducible.
+    Needs the optional h5py package.
+    """
+
+    type = "HDF5Data"
+    exact_bottoms = 0
+    min_tops = 1
+    search_dirs: tuple = ()
+
+    def layer_setup(self, bottom, top: list[Blob]) -> None:
+        try:
+            self._h5py = _import_h5py()
+        except LayerError as err:
+            raise err.with_context(layer=self.name, layer_type=self.type) from None
+        p = self.layer_param.hdf5_data_param
+        if p.batch_size <= 0:
+            raise self.fail("hdf5_data_param.batch_size must be positive")
+        self.batch_size = int(p.batch_size)
+        self.shuffle = p.shuffle
+        self.names = list(self.layer_param.top)
+        listing = _resolve(self, "hdf5_data_param.source", p.source, gz=False)
+        try:
+            lines = [ln.strip() for ln in listing.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise self.fail(f"cannot read {listing}: {err}") from None
+        names = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not names:
+            raise self.fail(f"{listing} lists no HDF5 files")
+        self.files = [_resolve(self, f"HDF5 file listed in {listing}", name, gz=False,
+                               extra_dirs=(str(listing.parent),)) for name in names]
+        self.rows = [self._row_count(path) for path in self.files]
+        self.seed = _random_seed()
+        self._restart()
+        self._ensure_loaded()
+        for blob, array in zip(top, self._arrays):
+            blob.reshape((self.batch_size, *array.shape[1:]))
+
+    def _open(self, path: Path):
+        try:
+            return self._h5py.File(path, "r")
+        except OSError as err:
+            raise self.fail(f"cannot open HDF5 file {path}: {err}") from None
+
+    def _row_count(self, path: Path) -> int:
+        with self._open(path) as handle:
+            counts = set()
+            for name in self.names:
+                if name not in handle:
+                    raise self.fail(f"{path} has no dataset '{name}' (datasets are named by the "
+                                    f"tops: {', '.join(self.names)})")
+                if handle[name].ndim < 1:
+                    raise self.fail(f"{path}: dataset '{name}' is a scalar; expected rows")
+                counts.add(handle[name].shape[0])
+        if len(counts) != 1:
+            raise self.fail(f"{path}: the datasets {', '.join(self.names)} have different "
+                            f"numbers of rows ({sorted(counts)})")
+        rows = counts.pop()
+        if rows == 0:
+            raise self.fail(f"{path} holds no rows")
+        return rows
+
+    # -- position bookkeeping (no data read) -------------------------------------------------
+    def _restart(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self._order = np.arange(len(self.files))
+        if self.shuffle:
+            self._rng.shuffle(self._order)
+        self._file_pos = 0
+        self._row = 0
+        self._perm = self._permutation()
+        self._served = 0
+
+    def _permutation(self) -> np.ndarray:
+        rows = self.rows[self._order[self._file_pos]]
+        return self._rng.permutation(rows) if self.shuffle else np.arange(rows)
+
+    def _next_file(self) -> None:
+        if len(self.files) > 1:
+            self._file_pos += 1
+            if self._file_pos == len(self.files):
+                self._file_pos = 0
+                if self.shuffle:
+                    self._rng.shuffle(self._order)
+            self._perm = self._permutation()
+        elif self.shuffle:
+            self._perm = self._permutation()
+        self._row = 0
+
+    def _advance(self, count: int) -> None:
+        while count:
+            take = min(count, len(self._perm) - self._row)
+            self._row += take
+            count -= take
+            if self._row == len(self._perm):
+                self._next_file()
+
+    @property
+    def batch_index(self) -> int:
+        return self._served // self.batch_size
+
+    def seek(self, batch_index: int) -> None:
+        """Make the next forward serve batch ``batch_index`` counted from the start."""
+        self._restart()
+        self._advance(int(batch_index) * self.batch_size)
+        self._served = int(batch_index) * self.batch_size
+
+    # -- data ---------------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        index = int(self._order[self._file_pos])
+        if getattr(self, "_loaded", None) == index:
+            return
+        path = self.files[index]
+        with self._open(path) as handle:
+            self._arrays = [np.asarray(handle[name][...], dtype=self.dtype) for name in self.names]
+        if any(len(a) != self.rows[index] for a in self._arrays):
+            raise self.fail(f"{path} changed while in use")
+        self._loaded = index
+
+    def reshape(self, bottom, top) -> None:
+        pass
+
+    def compute_forward(self, bottom, top) -> None:
+        parts: list[list[np.ndarray]] = [[] for _ in top]
+        need = self.batch_size
+        while need:
+            self._ensure_loaded()
+            take = min(need, len(self._perm) - self._row)
+            rows = self._perm[self._row:self._row + take]
+            for part, array in zip(parts, self._arrays):
+                part.append(array[rows])
+            need -= take
+            self._advance(take)
+        for blob, part in zip(top, parts):
+            batch = np.concatenate(part)
+            if batch.shape[1:] != blob.shape[1:]:
+                raise self.fail(f"{self.files[self._order[self._file_pos]]}: rows of shape "
+                                f"{batch.shape[1:]} where the first file had {blob.shape[1:]}")
+            _to_top(blob, batch)
+        self._served += self.batch_size
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
         pass
