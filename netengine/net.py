@@ -109,6 +109,35 @@ def insert_splits(layers: list, lines: list) -> tuple[list, list]:
     return out, out_lines
 
 
+def replace_data_layers(layers: list, input_shapes: dict) -> list:
+    """Stand-in shapes: each bottomless layer producing a named top becomes an Input layer.
+
+    ``input_shapes`` maps top names to shapes; the replaced layer's other tops (e.g. a data
+    layer's label) get shape (N,), N being the first dimension of its first given shape.
+    """
+    shapes = {name: tuple(int(d) for d in dims) for name, dims in input_shapes.items()}
+    out, used = [], set()
+    for param in layers:
+        given = [t for t in param.top if t in shapes]
+        if param.bottom or not given:
+            out.append(param)
+            continue
+        batch = shapes[given[0]][:1] or (1,)
+        stand_in = caffe_pb2.LayerParameter(name=param.name, type="Input", top=param.top,
+                                            phase=param.phase)
+        for top in param.top:
+            stand_in.input_param.shape.add().dim.extend(shapes.get(top, batch))
+        used.update(given)
+        out.append(stand_in)
+    unknown = [name for name in shapes if name not in used]
+    if unknown:
+        tops = [t for p in layers if not p.bottom for t in p.top]
+        raise NetEngineError(f"input shapes given for {', '.join(unknown)}, which no data or "
+                             f"input layer of this net produces (their tops: "
+                             f"{', '.join(tops) or 'none'})")
+    return out
+
+
 def blob_from_proto(proto, dtype=np.float32) -> np.ndarray:
     """The values of a BlobProto as a host array in its own shape (legacy 4-D or BlobShape)."""
     if proto.HasField("shape"):
@@ -154,11 +183,13 @@ class Net:
     """
 
     def __init__(self, network, phase=None, weights: str | None = None, level: int = 0,
-                 stages: Iterable[str] = (), *, dtype=np.float32) -> None:
+                 stages: Iterable[str] = (), *, dtype=np.float32,
+                 input_shapes: dict | None = None) -> None:
         if isinstance(phase, (str, os.PathLike)):  # pycaffe's old Net(file, weights, phase)
             phase, weights = weights, phase
         self.phase = TEST if phase is None else int(phase)
         self.dtype = np.dtype(dtype)
+        self.input_shapes = dict(input_shapes or {})  # stand-ins for data layers' tops
         self._callbacks: dict[str, list[Callable[[int], None]]] = {
             "before_forward": [], "after_forward": [], "before_backward": [], "after_backward": []}
         self._build(network, level, tuple(stages))
@@ -180,6 +211,8 @@ class Net:
         self.state = state
         kept, kept_lines = self._filter(param, lines, state)
         try:
+            if self.input_shapes:
+                kept = replace_data_layers(kept, self.input_shapes)
             kept, kept_lines = insert_splits(kept, kept_lines)
         except NetEngineError as err:
             raise err.with_context(file=self.source_file) from None
@@ -235,6 +268,7 @@ class Net:
         for i, param in enumerate(layer_params):
             try:
                 self.layers.append(create_layer(param))
+                self.layers[-1].source_file = self.source_file  # e.g. Python layers' modules
             except NetEngineError as err:
                 raise err.with_context(file=self.source_file, line=self._layer_lines[i],
                                        layer=param.name, layer_type=param.type) from None
