@@ -109,7 +109,7 @@ def test_cli_writes_dot_when_dot_program_is_missing(tmp_path, monkeypatch, capsy
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert draw_net.main([str(tmp_path / "missing.prototxt"), str(tmp_path / "x.dot")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("draw_net: ") and "missing.prototxt" in err
+    assert err.startswith("draw_net: error: ") and "missing.prototxt" in err
     assert len(err.splitlines()) == 1
     with pytest.raises(SystemExit):
         draw_net.main(["a", "b", "--rankdir", "XY"])

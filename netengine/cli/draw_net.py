@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         written = draw.draw_net_to_file(net_param, args.out, rankdir=args.rankdir,
                                         phase=PHASES[args.phase], display_lrm=args.display_lrm)
     except NetEngineError as err:
-        print(f"draw_net: {err}", file=sys.stderr)
+        print(f"draw_net: error: {err}", file=sys.stderr)
         return 1
     if written != Path(args.out):
         print(f"draw_net: Graphviz 'dot' is not installed: wrote DOT text to {written} instead "
