@@ -244,7 +244,7 @@ def lmdb_key(index: int) -> bytes:
 
 
 def write_lmdb(path: str | os.PathLike, items: Iterable[tuple[bytes, bytes]],
-               commit_every: int = 1000) -> int:
+               commit_every: int = 1000, map_size: int = 64 << 20) -> int:
     """Write (key, value) pairs into a new LMDB folder ``path``; returns the record count.
 
     Refuses an existing database (as Caffe's convert tools do). The map grows as needed.
@@ -254,7 +254,6 @@ def write_lmdb(path: str | os.PathLike, items: Iterable[tuple[bytes, bytes]],
     if (path / "data.mdb").exists():
         raise NetEngineError(f"{path} already holds an LMDB database; remove it first")
     path.mkdir(parents=True, exist_ok=True)
-    map_size = 64 << 20
     env = lmdb.open(str(path), map_size=map_size, subdir=True, meminit=False)
     count = 0
     try:

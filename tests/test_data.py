@@ -536,6 +536,10 @@ def test_hdf5_data_errors(h5_files, tmp_path):
                        f'source: "{h5_files / "list.txt"}" batch_size: 2 }}')
     with pytest.raises(NetEngineError, match="has no dataset 'weights'"):
         layer.setup([], tops(2))
+    layer = make_layer(f'type: "HDF5Data" top: "data" transform_param {{ scale: 2 }} '
+                       f'hdf5_data_param {{ source: "{h5_files / "list.txt"}" batch_size: 2 }}')
+    with pytest.raises(NetEngineError, match="does not transform data"):
+        layer.setup([], tops(1))
     (tmp_path / "empty.txt").write_text("\n")
     layer = make_layer(f'type: "HDF5Data" top: "data" hdf5_data_param {{ '
                        f'source: "{tmp_path / "empty.txt"}" batch_size: 2 }}')
@@ -556,3 +560,30 @@ def test_hdf5_data_without_h5py(monkeypatch):
         layer.setup([], tops(1))
     assert "pip install 'netengine[hdf5]'" in str(info.value)
     assert "(HDF5Data)" in str(info.value)
+
+
+@needs_lmdb
+def test_caffes_own_lenet_reads_convert_mnist_lmdbs(tmp_path, monkeypatch):
+    """Caffe's lenet_train_test.prototxt, unmodified, over LMDBs written by convert_mnist."""
+    from conftest import need_shared
+
+    from netengine.cli import convert_mnist
+    from netengine.net import Net
+
+    original = need_shared("acceptance", "nets", "bvlc_caffe", "examples", "mnist",
+                           "lenet_train_test.prototxt")
+    folder = tmp_path / "examples" / "mnist"
+    folder.mkdir(parents=True)
+    (folder / "lenet_train_test.prototxt").write_bytes(original.read_bytes())
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        assert convert_mnist.main([str(MNIST / f"{prefix}-images-idx3-ubyte.gz"),
+                                   str(MNIST / f"{prefix}-labels-idx1-ubyte.gz"),
+                                   str(folder / f"mnist_{split}_lmdb")]) == 0
+    monkeypatch.chdir(tmp_path)
+    backend.set_random_seed(1701)
+    for phase, batch in ((TRAIN, 64), (TEST, 100)):
+        net = Net("examples/mnist/lenet_train_test.prototxt", phase)
+        out = net.forward()
+        assert net.blobs["data"].shape == (batch, 1, 28, 28)
+        assert np.isfinite(float(out["loss"]))
+        net.layers[0].close()

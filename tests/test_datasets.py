@@ -190,9 +190,11 @@ def test_lmdb_round_trip(tmp_path):
 
 @needs_lmdb
 def test_lmdb_map_grows(tmp_path):
-    big = b"\0" * (1 << 20)
-    count = datasets.write_lmdb(tmp_path / "db", ((b"%08d" % i, big) for i in range(80)))
-    assert count == 80 and len(datasets.read_lmdb_items(tmp_path / "db")) == 80
+    value = b"\1" * 5000
+    count = datasets.write_lmdb(tmp_path / "db", ((b"%08d" % i, value) for i in range(100)),
+                                commit_every=30, map_size=1 << 16)
+    stored = datasets.read_lmdb_items(tmp_path / "db")
+    assert count == 100 and len(stored) == 100 and all(v == value for _, v in stored)
 
 
 def test_lmdb_missing_package_message(monkeypatch):

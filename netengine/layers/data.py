@@ -483,8 +483,8 @@ class HDF5Data(Layer):
     have the same number of rows. Rows are served in order, file after file, wrapping around;
     with shuffle the file order is shuffled at setup and at every wrap, and the rows of a file
     whenever it is loaded or restarted (Caffe's rule), from a generator seeded with the
-    random seed. ``seek(b)`` replays that bookkeeping, so batch b is reproducible.
-    Needs the optional h5py package.
+    random seed. ``seek(b)`` replays that bookkeeping, so batch b is reproducible. As in Caffe,
+    transform_param is refused. Needs the optional h5py package.
     """
 
     type = "HDF5Data"
@@ -498,6 +498,8 @@ class HDF5Data(Layer):
         except LayerError as err:
             raise err.with_context(layer=self.name, layer_type=self.type) from None
         p = self.layer_param.hdf5_data_param
+        if self.layer_param.HasField("transform_param"):
+            raise self.fail("HDF5Data does not transform data: remove transform_param")
         if p.batch_size <= 0:
             raise self.fail("hdf5_data_param.batch_size must be positive")
         self.batch_size = int(p.batch_size)
