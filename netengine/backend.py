@@ -102,6 +102,11 @@ def set_random_seed(seed: int) -> None:
         cupy.random.seed(int(seed))
 
 
+def get_random_seed() -> int | None:
+    """The seed last given to :func:`set_random_seed` (None when never seeded)."""
+    return _state["seed"]
+
+
 def rng() -> np.random.Generator:
     """The host random generator (fillers draw here, then copy to the device)."""
     return _rng[0]

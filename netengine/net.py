@@ -269,6 +269,11 @@ class Net:
             try:
                 self.layers.append(create_layer(param))
                 self.layers[-1].source_file = self.source_file  # e.g. Python layers' modules
+                if self.source_file:
+                    # Relative paths in a prototxt (data sources, Python modules) may also
+                    # resolve against the prototxt's own folder.
+                    folder = os.path.dirname(os.path.abspath(self.source_file))
+                    self.layers[-1].search_dirs = (folder,)
             except NetEngineError as err:
                 raise err.with_context(file=self.source_file, line=self._layer_lines[i],
                                        layer=param.name, layer_type=param.type) from None

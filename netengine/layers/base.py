@@ -79,6 +79,7 @@ class Layer:
     allows_inplace: bool = True  # Flatten/Reshape share memory, so they refuse top == bottom
     is_input: bool = False  # tops are net inputs (Input layer)
     pad_loss_weights: bool = False  # extra tops (e.g. probabilities) get loss weight 0
+    search_dirs: tuple = ()  # folders for relative paths (the net sets the prototxt's folder)
 
     def __init__(self, layer_param) -> None:
         self.layer_param = layer_param

@@ -57,7 +57,7 @@ class Input(Layer):
 # -- shared helpers for the readers -------------------------------------------------------------
 def _random_seed() -> int:
     """netengine's random seed (set by the solver's random_seed), or 0 when none was set."""
-    seed = backend._state.get("seed")
+    seed = backend.get_random_seed()
     return 0 if seed is None or seed < 0 else int(seed)
 
 
