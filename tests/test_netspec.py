@@ -13,14 +13,19 @@ from netengine.proto import caffe_pb2
 L, P = netspec.layers, netspec.params
 
 
-def lenet() -> netspec.NetSpec:
-    """Caffe's examples/mnist/lenet_train_test.prototxt, written in Python."""
+CAFFE_SOURCES = ("examples/mnist/mnist_train_lmdb", "examples/mnist/mnist_test_lmdb")
+OUR_SOURCES = ("data/mnist/train-images-idx3-ubyte.gz", "data/mnist/t10k-images-idx3-ubyte.gz")
+
+
+def lenet(sources=CAFFE_SOURCES, backend=P.Data.LMDB) -> netspec.NetSpec:
+    """Caffe's examples/mnist/lenet_train_test.prototxt (LMDB sources), written in Python;
+    with ``OUR_SOURCES`` and no backend it is netengine's flagship nets/mnist_train_test."""
     n = netspec.NetSpec(name="LeNet")
-    for phase, split, batch in ((netspec.TRAIN, "train", 64), (netspec.TEST, "test", 100)):
+    db = {} if backend is None else {"backend": backend}
+    for phase, source, batch in zip((netspec.TRAIN, netspec.TEST), sources, (64, 100)):
         n.data, n.label = L.Data(name="mnist", include=dict(phase=phase), ntop=2,
                                  transform_param=dict(scale=0.00390625),
-                                 source=f"examples/mnist/mnist_{split}_lmdb", batch_size=batch,
-                                 backend=P.Data.LMDB)
+                                 source=source, batch_size=batch, **db)
     lr = [dict(lr_mult=1), dict(lr_mult=2)]
     fill = dict(weight_filler=dict(type="xavier"), bias_filler=dict(type="constant"))
     n.conv1 = L.Convolution(n.data, param=lr, num_output=20, kernel_size=5, stride=1, **fill)
@@ -49,7 +54,7 @@ def test_lenet_equals_flagship_net():
     path = REPO / "nets" / "mnist_train_test.prototxt"
     if not path.exists():
         pytest.skip("nets/mnist_train_test.prototxt is not written yet")
-    ours, theirs = lenet().to_proto(), _read(path)
+    ours, theirs = lenet(OUR_SOURCES, backend=None).to_proto(), _read(path)
     assert [(lp.name, lp.type) for lp in ours.layer] == [(lp.name, lp.type) for lp in theirs.layer]
     assert ours == theirs
 
