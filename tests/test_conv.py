@@ -75,6 +75,15 @@ def ref_deconv(x, w, b, stride=1, pad=0, dilation=1, group=1):
     return y
 
 
+@pytest.fixture(params=["item-major", "item-minor"])
+def order(request, monkeypatch):
+    """Force one of ConvGemm's two column orders (the choice is otherwise by shape)."""
+    minor = request.param == "item-minor"
+    monkeypatch.setattr(im2col_ops, "ITEM_MINOR_MIN_ITEMS", 1 if minor else 1 << 30)
+    monkeypatch.setattr(im2col_ops, "ITEM_MINOR_MAX_WIDTH", 1 << 30 if minor else 0)
+    return minor
+
+
 # (params, bottom shape, reference keyword arguments, expected top shape)
 CONV_CASES = [
     ("num_output: 4 kernel_size: 3", (2, 3, 5, 5), {}, (2, 4, 3, 3)),
@@ -101,10 +110,11 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("params, shape, kw, top_shape", CONV_CASES,
                          ids=[c[0] for c in CONV_CASES])
-def test_convolution_forward_and_gradient(xp, params, shape, kw, top_shape):
+def test_convolution_forward_and_gradient(xp, order, params, shape, kw, top_shape):
     layer = layer_of("Convolution", params)
     bottom = make_blobs([shape], xp=xp)
     top = setup_layer(layer, bottom)
+    assert layer.gemm.item_minor == (order and not layer.gemm.is_1x1)  # 1x1: no columns
     assert top[0].shape == top_shape
     layer.forward(bottom, top)
     bias = host(layer.blobs[1].data) if len(layer.blobs) > 1 else None
@@ -131,10 +141,11 @@ DECONV_CASES = [
 
 @pytest.mark.parametrize("params, shape, kw, top_shape", DECONV_CASES,
                          ids=[c[0] for c in DECONV_CASES])
-def test_deconvolution_forward_and_gradient(xp, params, shape, kw, top_shape):
+def test_deconvolution_forward_and_gradient(xp, order, params, shape, kw, top_shape):
     layer = layer_of("Deconvolution", params)
     bottom = make_blobs([shape], xp=xp)
     top = setup_layer(layer, bottom)
+    assert layer.gemm.item_minor == (order and not layer.gemm.is_1x1)  # 1x1: no columns
     assert top[0].shape == top_shape
     layer.forward(bottom, top)
     bias = host(layer.blobs[1].data) if len(layer.blobs) > 1 else None
@@ -194,7 +205,7 @@ def test_convolution_axis_and_leading_dims(xp):
     check_gradient(layer, bottom, top)
 
 
-def test_convolution_multiple_bottoms_share_weights(xp):
+def test_convolution_multiple_bottoms_share_weights(xp, order):
     layer = layer_of("Convolution", "num_output: 2 kernel_size: 2 stride: 2")
     bottom = make_blobs([(1, 2, 4, 4), (1, 2, 4, 4)], xp=xp)
     top = setup_layer(layer, bottom, 2)
@@ -207,7 +218,7 @@ def test_convolution_multiple_bottoms_share_weights(xp):
 
 
 @pytest.mark.parametrize("kind", ["Convolution", "Deconvolution"])
-def test_param_diffs_accumulate_and_bottom_diff_is_overwritten(xp, kind):
+def test_param_diffs_accumulate_and_bottom_diff_is_overwritten(xp, order, kind):
     layer = layer_of(kind, "num_output: 3 kernel_size: 3 stride: 2 pad: 1")
     bottom = make_blobs([(2, 2, 5, 5)], xp=xp)
     top = setup_layer(layer, bottom)
@@ -238,10 +249,12 @@ def test_propagate_down_flags_are_honoured(xp, kind):
     np.testing.assert_allclose(host(layer.blobs[1].diff), top[0].count // 2)
 
 
-def test_chunked_batch_matches_whole_batch(xp, monkeypatch):
+def test_chunked_batch_matches_whole_batch(xp, order, monkeypatch):
     params = "num_output: 3 kernel_size: 3 stride: 2 pad: 1 group: 1"
     results = []
-    for budget in (im2col_ops.COL_BUDGET, 60):
+    default = im2col_ops.COL_BUDGET
+    # 60: one item per chunk; 330 / 1400: chunks of 2, 2, 1 for Convolution / Deconvolution.
+    for budget in (default, 60, 330, 1400):
         monkeypatch.setattr(im2col_ops, "COL_BUDGET", budget)
         out = []
         for kind in ("Convolution", "Deconvolution"):
@@ -249,18 +262,20 @@ def test_chunked_batch_matches_whole_batch(xp, monkeypatch):
             layer = layer_of(kind, params)
             bottom = make_blobs([(5, 2, 5, 5)], xp=xp)
             top = setup_layer(layer, bottom)
-            assert layer.gemm.single_chunk == (budget > 60)
+            assert len(layer.gemm.chunks()) == {60: 5, 330: 3 if kind[0] == "C" else 5,
+                                                1400: 1 if kind[0] == "C" else 3}.get(budget, 1)
             layer.forward(bottom, top)
             top[0].diff[...] = top[0].data
             layer.backward(top, [True], bottom)
             out += [host(top[0].data).copy(), host(bottom[0].diff).copy(),
                     host(layer.blobs[0].diff).copy()]
         results.append(out)
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_backward_after_bottom_changes_shape(xp):
+def test_backward_after_bottom_changes_shape(xp, order):
     layer = layer_of("Convolution", "num_output: 2 kernel_size: 3 pad: 1")
     bottom = make_blobs([(2, 2, 4, 4)], xp=xp)
     top = setup_layer(layer, bottom)

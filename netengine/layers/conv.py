@@ -268,26 +268,18 @@ class Im2col(_ConvBase):
         self.k_channels = self.channels * math.prod(self.kernel)
         top[0].reshape(bottom[0].shape[:self.channel_axis] + (self.k_channels, *self.out_spatial))
         self.gemm.configure(bottom[0].xp, bottom[0].dtype, self.num, self.channels,
-                            self.in_spatial, 1, self.out_spatial)
-
-    def _cols_view(self, array):
-        """The top as the (C, *kernel, num, *out) column layout (a transposed view)."""
-        d = self.num_spatial
-        split = array.reshape((self.num, self.channels, *self.kernel, *self.out_spatial))
-        order = (1, *range(2, 2 + d), 0, *range(2 + d, 2 + 2 * d))
-        return split.transpose(order)
+                            self.in_spatial, 1, self.out_spatial, item_minor=False)
 
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x = self._view(bottom[0].data, self.channels, self.in_spatial)
+        y = top[0].data.reshape(self.num, self.k_channels, -1)
         for part in self.gemm.chunks():
-            cols = self.gemm.im2col(x[part])
-            sub = self._cols_view(top[0].data)[(slice(None),) * (1 + self.num_spatial) + (part,)]
-            bottom[0].xp.copyto(sub, cols.reshape(sub.shape))
+            self.gemm.im2col(x[part], out=y[part])
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
         if not propagate_down[0]:
             return
         dx = self._view(bottom[0].diff, self.channels, self.in_spatial)
-        cols = self._cols_view(top[0].diff)
+        dy = top[0].diff.reshape(self.num, self.k_channels, -1)
         for part in self.gemm.chunks():
-            self.gemm.col2im(cols[(slice(None),) * (1 + self.num_spatial) + (part,)], dx[part])
+            self.gemm.col2im(dy[part], dx[part])

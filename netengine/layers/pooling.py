@@ -105,24 +105,24 @@ class Pooling(Layer):
             blob.reshape(top_shape)
         xp, dtype = bottom[0].xp, bottom[0].dtype
         self.pool.configure(xp, dtype, shape, self.kernel, self.stride, self.pad, out)
-        if getattr(self, "_idx_key", None) != (xp, top_shape):
-            self._idx_key = (xp, top_shape)
-            self.idx = xp.empty(top_shape, dtype=self.pool.index_dtype())
+        if getattr(self, "_choice_key", None) != (xp, top_shape):
+            self._choice_key = (xp, top_shape)
+            self.choice = xp.empty(top_shape, dtype=self.pool.index_dtype())
         if self.method == _P.AVE:
             self.inv_divisor = xp.asarray(1.0 / self.pool.ave_divisor(), dtype=dtype)
 
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x, y = bottom[0].data, top[0].data
         if self.method == _P.MAX:
-            self.pool.max_forward(x, y, self.idx)
+            self.pool.max_forward(x, y, self.choice)
             if len(top) > 1:
-                self.pool.top_mask(self.idx, top[1].data)
+                self.pool.top_mask(self.choice, top[1].data)
         elif self.method == _P.AVE:
             self.pool.window_sums(x, y)
             y *= self.inv_divisor
         elif self.phase == caffe_pb2.TRAIN:
             uniform = backend.random_uniform(bottom[0].xp, y.shape, y.dtype)
-            self.pool.sample_forward(x, y, self.idx, uniform)
+            self.pool.sample_forward(x, y, self.choice, uniform)
         else:
             xp = bottom[0].xp
             total = xp.empty_like(y)
@@ -140,7 +140,7 @@ class Pooling(Layer):
             raise self.fail("STOCHASTIC pooling back-propagates only in the TRAIN phase "
                             "(its TEST output Σx²/Σx has no backward in Caffe)")
         else:
-            self.pool.route_backward(dy, self.idx, dx)
+            self.pool.route_backward(dy, self.choice, dx)
 
 
 @register

@@ -1,20 +1,22 @@
 """im2col / col2im and the GEMM plumbing behind Convolution, Deconvolution and Im2col.
 
-Column layout. A chunk of ``n`` items ``x`` of shape (n, C, *S) (any number D of spatial axes)
-is unrolled into a column matrix of shape (C·K, n·P), K = prod(kernel), P = prod(out):
+A chunk of ``n`` items x (n, C, *S) (any number D of spatial axes) is unrolled into columns:
+for each item, a (C·K, P) matrix, K = prod(kernel), P = prod(out), whose row (c, k_1..k_D) and
+column (o_1..o_D) hold x_pad[item, c, o_1·s_1 + k_1·d_1, ..., o_D·s_D + k_D·d_D] (Caffe's
+order). The whole chunk is built at once, in one of two layouts chosen per shape:
 
-    cols[(c, k_1..k_D), (i, o_1..o_D)] = x_pad[i, c, o_1·s_1 + k_1·d_1, ..., o_D·s_D + k_D·d_D]
+- per-item (n, C·K, P), the default: the products are batched matmuls over the items
+  (y_i = W·cols_i lands directly in the top's layout). Inner loops run along output rows.
+- item-minor (C·K, P·n), when the output grid is small and the batch large (LeNet's conv2:
+  8x8 outputs): the batch becomes the fastest axis, so every strided copy and col2im add runs
+  over long contiguous stretches, and each product is ONE large GEMM per group. The input and
+  the y-side diffs are transposed once per pass for it.
 
-i.e. Caffe's row order (channel, kernel offsets) with the whole batch chunk side by side in the
-columns, so the forward product, the weight gradient and the column gradient are each ONE large
-BLAS call per group for the whole chunk instead of one small call per image.
-
-- im2col is one copy out of a strided window view of the padded input (no Python loop at all).
+- im2col is one copy out of a strided window view of the (padded) input (no Python loop).
 - col2im is a loop over the K kernel offsets only; each step is one vectorised add.
-- Work buffers (padded input, columns, transposed outputs) live in :class:`ConvGemm` and are
-  reallocated only when the shapes change.
-- 1x1 kernels with stride 1 and pad 0 skip im2col/col2im: a batched matmul on the input.
-- Batches whose columns would exceed ``COL_BUDGET`` elements are processed in chunks of items.
+- Work buffers live in :class:`ConvGemm` and are reallocated only when the shapes change.
+- 1x1 kernels with stride 1 and pad 0 skip im2col/col2im: the input is its own column matrix.
+- Batches whose buffers would exceed ``COL_BUDGET`` elements are processed in chunks of items.
 
 Everything is written against the array module ``xp`` (NumPy or CuPy).
 """
@@ -23,8 +25,11 @@ from __future__ import annotations
 import itertools
 import math
 
-# Largest column buffer (in elements) one convolution keeps; bigger batches are chunked.
+# Largest work buffer (in elements) one convolution keeps; bigger batches are chunked.
 COL_BUDGET = 1 << 23
+# Item-minor columns pay off when output rows are shorter than this and the batch is this big.
+ITEM_MINOR_MAX_WIDTH = 16
+ITEM_MINOR_MIN_ITEMS = 8
 
 
 def conv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
@@ -38,31 +43,40 @@ def deconv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: 
     return stride * (size - 1) + dilation * (kernel - 1) + 1 - 2 * pad
 
 
-def window_view(xp, padded, kernel, stride, dilation, out_shape):
-    """Strided (C, *kernel, n, *out) view of ``padded`` (n, C, *S): element
-    [c, k..., i, o...] = padded[i, c, o·s + k·d ...]. No copy."""
-    s_item, s_chan, *s_space = padded.strides
-    shape = (padded.shape[1], *kernel, padded.shape[0], *out_shape)
-    strides = (s_chan, *(d * st for d, st in zip(dilation, s_space)), s_item,
-               *(s * st for s, st in zip(stride, s_space)))
+def window_view(xp, padded, kernel, stride, dilation, out_shape, item_minor: bool = False):
+    """Strided view of the windows of ``padded``: no copy.
+
+    Per-item: ``padded`` (n, C, *S) gives (n, C, *kernel, *out); item-minor: ``padded``
+    (C, *S, n) gives (C, *kernel, *out, n). Element [i, c, k, o] = padded[i, c, o·s + k·d].
+    """
+    if item_minor:
+        s_chan, *s_space, s_item = padded.strides
+        channels, items = padded.shape[0], padded.shape[-1]
+    else:
+        s_item, s_chan, *s_space = padded.strides
+        channels, items = padded.shape[1], padded.shape[0]
+    k_strides = tuple(d * st for d, st in zip(dilation, s_space))
+    o_strides = tuple(s * st for s, st in zip(stride, s_space))
+    if item_minor:
+        shape = (channels, *kernel, *out_shape, items)
+        strides = (s_chan, *k_strides, *o_strides, s_item)
+    else:
+        shape = (items, channels, *kernel, *out_shape)
+        strides = (s_item, s_chan, *k_strides, *o_strides)
     return xp.lib.stride_tricks.as_strided(padded, shape=shape, strides=strides)
 
 
-def offset_slices(offset, stride, dilation, out_shape) -> tuple:
-    """Index of the (n, C, *out) sub-grid of a padded array touched by kernel offset ``offset``."""
-    return (slice(None), slice(None)) + tuple(
-        slice(k * d, k * d + s * (o - 1) + 1, s)
-        for k, s, d, o in zip(offset, stride, dilation, out_shape))
+def col2im_add(cols, acc, kernel, stride, dilation, out_shape, first_spatial: int) -> None:
+    """acc += the columns folded back onto the image, one vectorised add per kernel offset.
 
-
-def col2im_add(cols, acc, kernel, stride, dilation, out_shape) -> None:
-    """acc (n, C, *S_pad) += the columns ``cols`` (viewable as (C, *kernel, n, *out)) folded
-    back onto the image: a loop over the kernel offsets, each one vectorised add."""
-    channels, items = acc.shape[1], acc.shape[0]
-    cols = cols.reshape((channels, *kernel, items, *out_shape))
+    ``cols`` has the kernel axes at ``first_spatial`` (lead axes, *kernel, *out, trailing axes)
+    and ``acc`` has its spatial axes there (lead axes, *S, trailing axes).
+    """
+    lead = (slice(None),) * first_spatial
     for offset in itertools.product(*(range(k) for k in kernel)):
-        acc[offset_slices(offset, stride, dilation, out_shape)] += cols[(slice(None), *offset)] \
-            .swapaxes(0, 1)
+        window = lead + tuple(slice(k * d, k * d + s * (o - 1) + 1, s)
+                              for k, s, d, o in zip(offset, stride, dilation, out_shape))
+        acc[window] += cols[lead + offset]
 
 
 class ConvGemm:
@@ -84,11 +98,13 @@ class ConvGemm:
         self._key = None
         self._bufs: dict = {}
         self.cols_owner = None  # what the column buffer currently holds (for reuse in backward)
-        self._pad_dirty = False
+        self._pad_state = None  # (items, layout) the zero-bordered input buffer is ready for
 
     # -- geometry and buffers ----------------------------------------------------------------
-    def configure(self, xp, dtype, num: int, c_x: int, x_shape, c_y: int, y_shape) -> None:
-        key = (xp, dtype, num, c_x, tuple(x_shape), c_y, tuple(y_shape))
+    def configure(self, xp, dtype, num: int, c_x: int, x_shape, c_y: int, y_shape,
+                  item_minor: bool | None = None) -> None:
+        """Set the shapes (cheap when unchanged). ``item_minor`` None: pick the layout."""
+        key = (xp, dtype, num, c_x, tuple(x_shape), c_y, tuple(y_shape), item_minor)
         if key == self._key:
             return
         self._key = key
@@ -98,170 +114,199 @@ class ConvGemm:
         self.x_padded = tuple(s + 2 * p for s, p in zip(self.x_shape, self.pad))
         self.k_size = math.prod(self.kernel)
         self.p_size = math.prod(self.y_shape)
-        per_item = max(c_x * self.k_size, c_y) * self.p_size
+        self.k_rows = c_x * self.k_size  # rows of one item's column matrix
+        per_item = max(self.k_rows * self.p_size, c_y * self.p_size,
+                       c_y * self.k_rows // self.group, math.prod(self.x_padded) * c_x)
         self.chunk = max(1, min(num, COL_BUDGET // max(per_item, 1)))
+        if item_minor is None:
+            item_minor = (not self.is_1x1 and self.chunk >= ITEM_MINOR_MIN_ITEMS
+                          and self.y_shape[-1] < ITEM_MINOR_MAX_WIDTH)
+        self.item_minor = item_minor
         self._bufs = {}
         self.cols_owner = None
+        self._pad_state = None
 
     def chunks(self):
-        """Slices of the batch processed together (one, unless the columns would be huge)."""
+        """Slices of the batch processed together (one, unless the buffers would be huge)."""
         return [slice(n, min(n + self.chunk, self.num)) for n in range(0, self.num, self.chunk)]
 
     @property
     def single_chunk(self) -> bool:
         return self.chunk >= self.num
 
-    def _buffer(self, name: str, shape, zero: bool = False):
+    def _buffer(self, name: str, shape):
         size = math.prod(shape)
         buf = self._bufs.get(name)
         if buf is None or buf.size < size:
-            buf = self.xp.zeros(size, dtype=self.dtype) if zero else \
-                self.xp.empty(size, dtype=self.dtype)
+            buf = self.xp.empty(size, dtype=self.dtype)
             self._bufs[name] = buf
         return buf[:size].reshape(shape)
 
-    def _padded_input(self, x):
-        """x itself (no padding) or a zero-bordered copy of it."""
-        if not any(self.pad):
+    def _cols_shape(self, n: int) -> tuple:
+        if self.item_minor:
+            return (self.k_rows, self.p_size * n)
+        return (n, self.k_rows, self.p_size)
+
+    def _image_buffer(self, n: int, padded: bool):
+        """An x-side work array of n items in the current layout ((n, C, *S) or (C, *S, n),
+        zero-bordered when ``padded``) and the index of its image part."""
+        space = self.x_padded if padded else self.x_shape
+        inner = tuple(slice(p, p + s) for p, s in zip(self.pad, self.x_shape)) if padded else \
+            (slice(None),) * len(space)
+        if self.item_minor:
+            return self._buffer("xbuf", (self.c_x, *space, n)), (slice(None), *inner,
+                                                                  slice(None))
+        return self._buffer("xbuf", (n, self.c_x, *space)), (slice(None), slice(None), *inner)
+
+    def _layout_input(self, x):
+        """x in the column builder's layout: x itself, or a (zero-bordered) copy of it."""
+        padded = any(self.pad)
+        if not (padded or self.item_minor):
             return x
         n = x.shape[0]
-        buf = self._buffer("pad", (self.chunk, self.c_x, *self.x_padded), zero=True)[:n]
-        if self._pad_dirty:
+        buf, inner = self._image_buffer(n, padded)
+        if padded and self._pad_state != (n, self.item_minor):
             buf[...] = 0
-            self._pad_dirty = False
-        inner = (slice(None), slice(None)) + tuple(slice(p, p + s)
-                                                   for p, s in zip(self.pad, self.x_shape))
-        buf[inner] = x
+            self._pad_state = (n, self.item_minor)
+        src = x.transpose((*range(1, x.ndim), 0)) if self.item_minor else x
+        self.xp.copyto(buf[inner], src)
         return buf
 
-    # -- building blocks (one chunk) ---------------------------------------------------------
-    def im2col(self, x, owner=None):
-        """Columns (C_x·K, n·P) of x (n, C_x, *S_x), in the shared column buffer."""
-        xp, n = self.xp, x.shape[0]
-        cols = self._buffer("cols", (self.c_x * self.k_size, n * self.p_size))
-        view = window_view(xp, self._padded_input(x), self.kernel, self.stride, self.dilation,
-                           self.y_shape)
-        xp.copyto(cols.reshape(view.shape), view)
+    # -- im2col / col2im (one chunk) ---------------------------------------------------------
+    def im2col(self, x, owner=None, out=None):
+        """Columns of x (n, C_x, *S_x): (n, C_x·K, P) or, item-minor, (C_x·K, P·n). Written
+        into ``out`` when given, else into the shared column buffer (1x1: x itself)."""
+        n = x.shape[0]
+        if self.is_1x1 and out is None:
+            return x.reshape(self._cols_shape(n))
+        cols = self._buffer("cols", self._cols_shape(n)) if out is None else out
+        view = window_view(self.xp, self._layout_input(x), self.kernel, self.stride,
+                           self.dilation, self.y_shape, self.item_minor)
+        self.xp.copyto(cols.reshape(view.shape), view)
         self.cols_owner = owner
         return cols
 
     def col2im(self, cols, dx) -> None:
-        """dx (n, C_x, *S_x) = columns folded back (overwrites dx)."""
-        if not any(self.pad):
-            dx[...] = 0
-            col2im_add(cols, dx, self.kernel, self.stride, self.dilation, self.y_shape)
+        """dx (n, C_x, *S_x) = the columns folded back onto the image (overwrites dx)."""
+        n, d = dx.shape[0], len(self.kernel)
+        if self.item_minor:
+            cols = cols.reshape((self.c_x, *self.kernel, *self.y_shape, n))
+            first = 1
+        else:
+            cols = cols.reshape((n, self.c_x, *self.kernel, *self.y_shape))
+            first = 2
+        if not (any(self.pad) or self.item_minor):
+            dx[...] = 0  # per-item layout without padding: accumulate in place
+            col2im_add(cols, dx, self.kernel, self.stride, self.dilation, self.y_shape, first)
             return
-        n = dx.shape[0]
-        acc = self._buffer("pad", (self.chunk, self.c_x, *self.x_padded), zero=True)[:n]
+        acc, inner = self._image_buffer(n, any(self.pad))
         acc[...] = 0
-        self._pad_dirty = True
-        col2im_add(cols, acc, self.kernel, self.stride, self.dilation, self.y_shape)
-        inner = (slice(None), slice(None)) + tuple(slice(p, p + s)
-                                                   for p, s in zip(self.pad, self.x_shape))
-        dx[...] = acc[inner]
+        self._pad_state = None  # the border is no longer zero
+        col2im_add(cols, acc, self.kernel, self.stride, self.dilation, self.y_shape, first)
+        src = acc[inner]
+        self.xp.copyto(dx, src.transpose((d + 1, *range(d + 1))) if self.item_minor else src)
 
+    # -- products (one chunk) ----------------------------------------------------------------
     def _w3(self, w):
         g = self.group
         return w.reshape(g, self.c_y // g, -1)
 
-    def _transpose_y(self, y):
-        """(C_y, n·P) contiguous copy of y (n, C_y, *S_y), in the transposed-output buffer."""
-        n = y.shape[0]
-        out = self._buffer("yt", (self.c_y, n * self.p_size))
-        self.xp.copyto(out.reshape(self.c_y, n, self.p_size),
-                       y.reshape(n, self.c_y, self.p_size).transpose(1, 0, 2))
-        return out
+    def _y_columns(self, yt, n: int):
+        """An item-minor (C_y, P·n) matrix seen as (n, C_y, P)."""
+        return yt.reshape(self.c_y, self.p_size, n).transpose(2, 0, 1)
 
-    def _y_from_cols(self, cols, w, y, bias=None) -> None:
+    def y_operand(self, y):
+        """y (n, C_y, *S_y) as the products need it: itself, or item-minor (C_y, P·n)."""
+        n = y.shape[0]
+        if not self.item_minor:
+            return y.reshape(n, self.c_y, self.p_size)
+        yt = self._buffer("yt", (self.c_y, self.p_size * n))
+        self.xp.copyto(self._y_columns(yt, n), y.reshape(n, self.c_y, self.p_size))
+        return yt
+
+    def y_from_cols(self, cols, w, y, bias=None) -> None:
         """y (n, C_y, *S_y) = W · cols (+ bias)."""
         xp, g, n = self.xp, self.group, y.shape[0]
-        prod = self._buffer("yt", (self.c_y, n * self.p_size))
-        xp.matmul(self._w3(w), cols.reshape(g, -1, n * self.p_size),
-                  out=prod.reshape(g, self.c_y // g, n * self.p_size))
-        src = prod.reshape(self.c_y, n, self.p_size).transpose(1, 0, 2)
-        dst = y.reshape(n, self.c_y, self.p_size)
+        if not self.item_minor:
+            y4 = y.reshape(n, g, self.c_y // g, self.p_size)
+            xp.matmul(self._w3(w), cols.reshape(n, g, -1, self.p_size), out=y4)
+            if bias is not None:
+                y4 += bias.reshape(g, self.c_y // g, 1)
+            return
+        prod = self._buffer("yt", (self.c_y, self.p_size * n))
+        xp.matmul(self._w3(w), cols.reshape(g, -1, self.p_size * n),
+                  out=prod.reshape(g, self.c_y // g, -1))
+        src, dst = self._y_columns(prod, n), y.reshape(n, self.c_y, self.p_size)
         if bias is None:
             xp.copyto(dst, src)
         else:
             xp.add(src, bias.reshape(self.c_y, 1), out=dst)
 
-    def _x_from_yt(self, yt, w, dx) -> None:
-        """dx (n, C_x, *S_x) = col2im(Wᵀ · yt), yt the (C_y, n·P) transposed y."""
+    def x_from_y(self, yop, w, dx) -> None:
+        """dx (n, C_x, *S_x) = col2im(Wᵀ · y), ``yop`` from :meth:`y_operand`."""
         xp, g, n = self.xp, self.group, dx.shape[0]
-        cols = self._buffer("cols", (self.c_x * self.k_size, n * self.p_size))
+        wt = self._w3(w).transpose(0, 2, 1)
+        if self.is_1x1:
+            xp.matmul(wt, yop.reshape(n, g, self.c_y // g, self.p_size),
+                      out=dx.reshape(n, g, self.c_x // g, self.p_size))
+            return
+        cols = self._buffer("cols", self._cols_shape(n))
         self.cols_owner = None
-        xp.matmul(self._w3(w).transpose(0, 2, 1), yt.reshape(g, self.c_y // g, -1),
-                  out=cols.reshape(g, -1, n * self.p_size))
+        if self.item_minor:
+            xp.matmul(wt, yop.reshape(g, self.c_y // g, -1), out=cols.reshape(g, -1, n *
+                                                                              self.p_size))
+        else:
+            xp.matmul(wt, yop.reshape(n, g, self.c_y // g, self.p_size),
+                      out=cols.reshape(n, g, -1, self.p_size))
         self.col2im(cols, dx)
 
-    def _weight_grad(self, cols, yt, dw) -> None:
-        """dw += yt · colsᵀ per group (computed as (cols · ytᵀ)ᵀ, the faster BLAS shape)."""
-        g = self.group
-        grad = self.xp.matmul(cols.reshape(g, cols.shape[0] // g, -1),
-                              yt.reshape(g, self.c_y // g, -1).transpose(0, 2, 1))
-        dw.reshape(g, self.c_y // g, -1)[...] += grad.transpose(0, 2, 1)
-
-    # 1x1 / stride 1 / pad 0: x and y share their spatial grid; no columns needed.
-    def _y_from_x_1x1(self, x, w, y, bias=None) -> None:
-        g, n, p = self.group, x.shape[0], self.p_size
-        y4 = y.reshape(n, g, self.c_y // g, p)
-        self.xp.matmul(self._w3(w), x.reshape(n, g, self.c_x // g, p), out=y4)
-        if bias is not None:
-            y4 += bias.reshape(g, self.c_y // g, 1)
-
-    def _x_from_y_1x1(self, y, w, x) -> None:
-        g, n, p = self.group, y.shape[0], self.p_size
-        self.xp.matmul(self._w3(w).transpose(0, 2, 1), y.reshape(n, g, self.c_y // g, p),
-                       out=x.reshape(n, g, self.c_x // g, p))
+    def weight_grad(self, cols, yop, dw) -> None:
+        """dw += Σ_items y · colsᵀ per group."""
+        g, mg = self.group, self.c_y // self.group
+        if self.item_minor:  # one GEMM, as (cols · ytᵀ)ᵀ (the faster BLAS shape)
+            grad = self.xp.matmul(cols.reshape(g, -1, cols.shape[-1]),
+                                  yop.reshape(g, mg, -1).transpose(0, 2, 1)).transpose(0, 2, 1)
+        else:  # one GEMM per item (no transposed copies), then the sum over items
+            n = yop.shape[0]
+            grad = self.xp.matmul(yop.reshape(n, g, mg, self.p_size),
+                                  cols.reshape(n, g, -1, self.p_size).transpose(0, 1, 3, 2))
+            grad = grad.sum(axis=0)
+        dw.reshape(g, mg, -1)[...] += grad
 
     # -- whole-batch operations --------------------------------------------------------------
+    def _cached_cols(self, owner):
+        if owner is not None and self.cols_owner == owner and self.single_chunk:
+            return self._buffer("cols", self._cols_shape(self.num))
+        return None
+
     def conv(self, x, w, y, bias=None, owner=None) -> None:
         """y = W ⋆ x (+ bias). ``owner`` tags the columns so ``conv_backward`` can reuse them."""
         for part in self.chunks():
-            if self.is_1x1:
-                self._y_from_x_1x1(x[part], w, y[part], bias)
-            else:
-                cols = self.im2col(x[part], owner if self.single_chunk else None)
-                self._y_from_cols(cols, w, y[part], bias)
+            cols = self.im2col(x[part], owner if self.single_chunk else None)
+            self.y_from_cols(cols, w, y[part], bias)
 
     def conv_backward(self, x, dy, w, dx=None, dw=None, owner=None) -> None:
         """dw += ∂/∂W and dx = ∂/∂x (each only when given) for y = W ⋆ x."""
         for part in self.chunks():
-            if self.is_1x1 and dw is None:
-                self._x_from_y_1x1(dy[part], w, dx[part])
-                continue
-            yt = self._transpose_y(dy[part])
+            yop = self.y_operand(dy[part])
             if dw is not None:
-                if owner is not None and self.cols_owner == owner and self.single_chunk:
-                    cols = self._buffer("cols", (self.c_x * self.k_size, self.num * self.p_size))
-                else:
+                cols = self._cached_cols(owner)
+                if cols is None:
                     cols = self.im2col(x[part])
-                self._weight_grad(cols, yt, dw)
+                self.weight_grad(cols, yop, dw)
             if dx is not None:
-                if self.is_1x1:
-                    self._x_from_y_1x1(dy[part], w, dx[part])
-                else:
-                    self._x_from_yt(yt, w, dx[part])
+                self.x_from_y(yop, w, dx[part])
 
     def conv_transpose(self, y, w, x) -> None:
         """x = Wᵀ ⋆ y (the adjoint of ``conv``: Deconvolution's forward, without bias)."""
         for part in self.chunks():
-            if self.is_1x1:
-                self._x_from_y_1x1(y[part], w, x[part])
-            else:
-                self._x_from_yt(self._transpose_y(y[part]), w, x[part])
+            self.x_from_y(self.y_operand(y[part]), w, x[part])
 
     def conv_transpose_backward(self, y, dx, w, dy=None, dw=None) -> None:
         """For x = Wᵀ ⋆ y: dy = W ⋆ dx and dw += y ⊗ columns(dx) (each only when given)."""
         for part in self.chunks():
-            if self.is_1x1 and dw is None:
-                self._y_from_x_1x1(dx[part], w, dy[part])
-                continue
             cols = self.im2col(dx[part])
             if dy is not None:
-                if self.is_1x1:
-                    self._y_from_x_1x1(dx[part], w, dy[part])
-                else:
-                    self._y_from_cols(cols, w, dy[part])
+                self.y_from_cols(cols, w, dy[part])
             if dw is not None:
-                self._weight_grad(cols, self._transpose_y(y[part]), dw)
+                self.weight_grad(cols, self.y_operand(y[part]), dw)

@@ -88,26 +88,28 @@ class Pool2d:
         return src[:, :, i:i + self.sh * (oh - 1) + 1:self.sh, j:j + self.sw * (ow - 1) + 1:self.sw]
 
     def index_dtype(self):
-        return np.int8 if self.kh * self.kw < 127 else np.int32
+        return self.xp.int8 if self.kh * self.kw < 127 else self.xp.int32
 
-    # -- reductions --------------------------------------------------------------------------
-    def max_forward(self, x, y, idx) -> None:
-        """y = max over each window (first maximum wins), idx = its kernel offset number.
+    def max_forward(self, x, y, choice) -> None:
+        """y = max over each window; choice = 1 + the kernel offset number of the first maximum.
 
-        As in Caffe: start from −FLT_MAX and idx −1 and take a value only when strictly
-        greater, so ties keep the first, NaN is never taken, and a window without any value
-        above −FLT_MAX (e.g. one lying wholly past the image) gives −FLT_MAX and idx −1.
+        As in Caffe: start from −FLT_MAX with no choice (0) and take a value only when it is
+        strictly greater, so ties keep the first, NaN is never taken, and a window without
+        any value above −FLT_MAX (e.g. one lying wholly past the image) gives −FLT_MAX.
+        Since later offsets have larger numbers, ``choice = max(choice, (k+1)·taken)``.
         """
         xp = self.xp
         src = self.source(x, -np.inf)
         mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
+        marks = self._buffer("marks", self.shape[:2] + self.out_shape, dtype=choice.dtype)
         y[...] = -FLT_MAX
-        idx[...] = -1
+        choice[...] = 0
         for k, offset in enumerate(self.offsets):
             view = self.window(src, offset)
             xp.greater(view, y, out=mask)
-            xp.copyto(y, view, where=mask)
-            xp.copyto(idx, k, where=mask)
+            xp.fmax(y, view, out=y)  # fmax: NaN never replaces y
+            xp.multiply(mask, choice.dtype.type(k + 1), out=marks)
+            xp.maximum(choice, marks, out=choice)
 
     def window_sums(self, x, y, square: bool = False) -> None:
         """y = Σ over each window of x (or of x²); cells outside the image count as 0."""
@@ -118,19 +120,19 @@ class Pool2d:
         for offset in self.offsets[1:]:
             y += self.window(src, offset)
 
-    def select_forward(self, x, y, idx) -> None:
-        """y = the window element at kernel offset number idx (0 where idx is −1)."""
+    def select_forward(self, x, y, choice) -> None:
+        """y = the window element at kernel offset number choice − 1 (0 where choice is 0)."""
         xp = self.xp
         src = self.source(x, 0.0)
         mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
         y[...] = 0
         for k, offset in enumerate(self.offsets):
-            xp.equal(idx, k, out=mask)
+            xp.equal(choice, k + 1, out=mask)
             xp.copyto(y, self.window(src, offset), where=mask)
 
-    def sample_forward(self, x, y, idx, uniform) -> None:
+    def sample_forward(self, x, y, choice, uniform) -> None:
         """Stochastic pooling (TRAIN): in each window pick the first element at which the running
-        sum reaches ``uniform``·(window sum); y = that element, idx = its offset number."""
+        sum reaches ``uniform``·(window sum); y = that element, choice = 1 + its offset."""
         xp = self.xp
         src = self.source(x, 0.0)
         total = xp.zeros_like(y)
@@ -139,13 +141,13 @@ class Pool2d:
         threshold = uniform * total
         running = xp.zeros_like(y)
         mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
-        idx[...] = -1
+        choice[...] = 0
         for k, offset in enumerate(self.offsets):
             running += self.window(src, offset)
             xp.greater_equal(running, threshold, out=mask)
-            mask &= idx < 0
-            xp.copyto(idx, k, where=mask)
-        self.select_forward(x, y, idx)
+            mask &= choice == 0
+            xp.copyto(choice, k + 1, where=mask)
+        self.select_forward(x, y, choice)
 
     # -- backward ----------------------------------------------------------------------------
     def _grad_target(self, dx):
@@ -158,15 +160,15 @@ class Pool2d:
         if not self.direct:
             dx[...] = acc[self._interior()]
 
-    def route_backward(self, dy, idx, dx) -> None:
-        """dx = dy routed to the recorded kernel offsets (MAX, STOCHASTIC); overwrites dx."""
+    def route_backward(self, dy, choice, dx) -> None:
+        """dx = dy routed to the chosen kernel offsets (MAX, STOCHASTIC); overwrites dx."""
         xp = self.xp
         acc = self._grad_target(dx)
         mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
         if not self.tiles:
             acc[...] = 0
         for k, offset in enumerate(self.offsets):
-            xp.equal(idx, k, out=mask)
+            xp.equal(choice, k + 1, out=mask)
             if self.tiles:
                 xp.multiply(dy, mask, out=self.window(acc, offset))
             else:
@@ -196,14 +198,14 @@ class Pool2d:
         size_w = np.minimum(start_w + self.kw, width + self.pw) - start_w
         return np.outer(size_h, size_w).astype(np.float64)
 
-    def top_mask(self, idx, out) -> None:
+    def top_mask(self, choice, out) -> None:
         """out = the argmax as Caffe's float index h·W + w within the channel plane, −1 if none."""
         xp = self.xp
         width = self.shape[3]
         oh, ow = self.out_shape
         rows = xp.arange(oh, dtype=out.dtype).reshape(oh, 1) * self.sh - self.ph
         cols = xp.arange(ow, dtype=out.dtype).reshape(1, ow) * self.sw - self.pw
-        k = idx.astype(out.dtype)
+        k = choice.astype(out.dtype) - 1
         di, dj = xp.floor_divide(k, self.kw), xp.remainder(k, self.kw)
         out[...] = (rows + di) * width + cols + dj
-        xp.copyto(out, -1.0, where=idx < 0)
+        xp.copyto(out, -1.0, where=choice == 0)
