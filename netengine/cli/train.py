@@ -1,0 +1,158 @@
+"""train: train a net from a solver prototxt, as ``caffe train``.
+
+    tools/train --solver S.prototxt [--weights W.caffemodel[,W2...] | --snapshot X.solverstate]
+                [--gpu ID] [--level N] [--stage a,b] [--sigint_effect stop|snapshot|none]
+                [--sighup_effect stop|snapshot|none] [--max_iter N]
+
+Logs in Caffe's glog format on stderr (Caffe's tools/extra/parse_log.py reads them), with a
+progress bar when stderr is a terminal and tqdm is installed.
+
+Signals, as Caffe: SIGINT (Ctrl-C) defaults to ``stop`` and SIGHUP to ``snapshot``. A signal
+only sets a flag that the solver reads between iterations (and between test batches): ``stop``
+snapshots and ends the run cleanly (exit status 0), ``snapshot`` writes a snapshot and goes on,
+``none`` ignores the signal. A second Ctrl-C while a stop is pending aborts at once (exit 130).
+
+Device: ``--gpu ID`` (or ``all`` = 0) runs on that GPU and fails with a one-line error where
+CuPy or the GPU is missing. Without ``--gpu``, a solver file's explicit ``solver_mode: GPU``
+(Caffe's lenet_solver has one) uses ``device_id`` when a GPU is usable and falls back to CPU
+with a warning otherwise, so Caffe's own solver files run unmodified on CPU-only machines.
+
+``--max_iter`` (netengine only) overrides the solver's max_iter, e.g. for a short check run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+from netengine import backend
+from netengine.cli import add_common_flags, gpu_id, run, stages, use_device
+from netengine.errors import NetEngineError
+from netengine.logging_glog import at, progress
+from netengine.proto import caffe_pb2
+
+log = logging.getLogger("netengine.cli")
+EFFECTS = ("stop", "snapshot", "none")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train", description="Train a net with a solver prototxt (like `caffe train`).",
+        epilog="Ctrl-C snapshots and stops (see --sigint_effect); SIGHUP snapshots. Logs use "
+               "Caffe's glog format on stderr.")
+    parser.add_argument("--solver", default="", help="the solver prototxt (required)")
+    parser.add_argument("--weights", default="",
+                        help="caffemodel(s) to fine-tune from, comma-separated (binary or "
+                             ".h5); overrides the solver's 'weights'")
+    parser.add_argument("--snapshot", default="",
+                        help="a .solverstate (or .solverstate.h5) to resume training from")
+    add_common_flags(parser)
+    parser.add_argument("--sigint_effect", default="stop", choices=EFFECTS,
+                        help="what SIGINT (Ctrl-C) does (default stop: snapshot, then stop)")
+    parser.add_argument("--sighup_effect", default="snapshot", choices=EFFECTS,
+                        help="what SIGHUP does (default snapshot)")
+    parser.add_argument("--max_iter", type=int, default=None,
+                        help="override the solver's max_iter (netengine extension)")
+    return parser.parse_args(argv)
+
+
+class SignalHandler:
+    """Turns SIGINT/SIGHUP into solver actions polled between iterations (Caffe's
+    SignalHandler); installs its handlers on enter and restores the old ones on exit."""
+
+    def __init__(self, sigint_effect: str = "stop", sighup_effect: str = "snapshot") -> None:
+        self.effects = {signal.SIGINT: sigint_effect}
+        if hasattr(signal, "SIGHUP"):
+            self.effects[signal.SIGHUP] = sighup_effect
+        self.pending: list[int] = []
+        self.stopping = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.stopping:
+            raise KeyboardInterrupt
+        if self.effects.get(signum) == "stop":
+            self.stopping = True
+        self.pending.append(signum)
+
+    def action(self) -> str:
+        """The next requested action: "stop", "snapshot" or "none"."""
+        while self.pending:
+            signum = self.pending.pop(0)
+            effect = self.effects.get(signum, "none")
+            name = signal.Signals(signum).name
+            if effect == "none":
+                log.info("Caught %s; ignored (effect none)", name,
+                         extra=at("signal_handler.cpp:40"))
+                continue
+            verb = "stopping" if effect == "stop" else "snapshotting"
+            tail = " (press Ctrl-C again to abort at once)" if effect == "stop" else ""
+            log.info("Caught %s: %s after the current iteration%s", name, verb, tail,
+                     extra=at("signal_handler.cpp:44"))
+            return effect
+        return "none"
+
+    def __enter__(self) -> SignalHandler:
+        for signum in self.effects:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def _device(args, param) -> int | None:
+    device = gpu_id(args.gpu)
+    if device is not None:
+        return device
+    if param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU:
+        if backend.cupy_available():
+            return param.device_id
+        log.warning("the solver asks for solver_mode: GPU, but CuPy or a CUDA GPU is not "
+                    "available: training on CPU", extra=at("caffe.cpp:204"))
+    return None
+
+
+def train(args) -> int:
+    from netengine.solver import get_solver, read_solver_param
+
+    if not args.solver:
+        raise NetEngineError("need a solver definition to train: give --solver")
+    if args.snapshot and args.weights:
+        raise NetEngineError("give a snapshot to resume training (--snapshot) or weights to "
+                             "fine-tune (--weights), not both")
+    param = read_solver_param(args.solver)
+    if args.level:
+        param.train_state.level = args.level
+    if stages(args.stage):
+        param.train_state.stage.extend(stages(args.stage))
+    if args.max_iter is not None:
+        param.max_iter = args.max_iter
+    use_device(_device(args, param))
+    if args.snapshot:
+        param.ClearField("weights")
+    elif args.weights:
+        param.ClearField("weights")
+        param.weights.append(args.weights)
+    solver = get_solver(param, solver_file=args.solver)
+    with SignalHandler(args.sigint_effect, args.sighup_effect) as handler, \
+            progress(param.max_iter, solver.iter) as bar:
+        solver.set_action_function(handler.action)
+        solver.add_callback(lambda: None, lambda: bar.goto(solver.iter + 1,
+                                                           loss=solver.smoothed_loss))
+        log.info("Starting Optimization", extra=at("caffe.cpp:254"))
+        solver.solve(args.snapshot or None)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run(lambda: train(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
