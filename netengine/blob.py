@@ -105,6 +105,14 @@ class Blob:
     def diff(self, value) -> None:
         self.diff[...] = value
 
+    def host_data(self) -> np.ndarray:
+        """A NumPy copy of ``data`` (on GPU ``data`` is a CuPy array on the device)."""
+        return backend.host_copy(self._data)
+
+    def host_diff(self) -> np.ndarray:
+        """A NumPy copy of ``diff``."""
+        return backend.host_copy(self.diff)
+
     def share_data(self, other: Blob) -> None:
         """Use ``other``'s data storage (counts must agree), as Flatten/Split/sharing do."""
         if other.count != self._count:

@@ -1,0 +1,276 @@
+"""The backend (device plumbing, host/device helpers) and the GPU code path without a GPU.
+
+No test here needs CuPy. The GPU path runs on ``fake_cupy``: an array module with CuPy's
+rules (no implicit host conversion, no NumPy arrays inside device operations, only names CuPy
+has), monkeypatched in as ``cupy``. Every golden case, every layer snippet of
+``device_agreement`` and a few LeNet solver iterations run in GPU mode on it and must agree
+with CPU mode, so NumPy-only calls in layers, ops, the net and the solver fail here, on a CPU
+machine, before they would fail on a GPU.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import fake_cupy
+import numpy as np
+import pytest
+from conftest import GOLDEN, REPO
+from device_agreement import (
+    SNIPPETS,
+    assert_agree,
+    golden_cases,
+    missing_types,
+    run_golden_case,
+    run_snippet,
+)
+
+import netengine
+from netengine import backend
+from netengine.blob import Blob
+from netengine.errors import NetEngineError
+
+fcp = fake_cupy.cupy
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """GPU mode backed by fake_cupy for the test's duration."""
+    monkeypatch.setattr(backend, "_import_cupy", lambda: fcp)
+    yield fcp
+    backend.set_mode_cpu()
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """As on a machine where CuPy is not installed."""
+    monkeypatch.setitem(backend._cupy, "module", None)
+    monkeypatch.setitem(backend._cupy, "error", ModuleNotFoundError("No module named 'cupy'"))
+    yield
+    backend.set_mode_cpu()
+
+
+# -- backend without a GPU -------------------------------------------------------------------
+def test_gpu_mode_without_cupy_is_one_clear_line(no_cupy):
+    reason = backend.gpu_unavailable_reason()
+    assert "not installed" in reason and "pip install" in reason and "cupy-cuda" in reason
+    assert "\n" not in reason
+    with pytest.raises(NetEngineError, match="netengine\\[gpu\\]"):
+        netengine.set_mode_gpu()
+    assert backend.mode() == "cpu" and not backend.cupy_available()
+    assert Blob((2,)).xp is np  # CPU mode keeps working
+
+
+def test_broken_cupy_install_names_the_error(monkeypatch):
+    monkeypatch.setitem(backend._cupy, "module", None)
+    monkeypatch.setitem(backend._cupy, "error", ImportError("CuPy is not correctly installed.\n"
+                                                           "long explanation"))
+    reason = backend.gpu_unavailable_reason()
+    assert "failed to import (ImportError: CuPy is not correctly installed.)" in reason
+    assert "\n" not in reason
+
+
+def test_device_checks(fake_gpu, monkeypatch):
+    with pytest.raises(NetEngineError, match="0 or more"):
+        backend.set_device(-1)
+    backend.set_device(3)
+    try:
+        with pytest.raises(NetEngineError, match="GPU 3 asked for, but this machine has 1"):
+            backend.set_mode_gpu()
+    finally:
+        backend.set_device(0)
+    monkeypatch.setattr(fcp.cuda.runtime, "getDeviceCount", lambda: 0)
+    assert "sees no CUDA device" in backend.gpu_unavailable_reason()
+
+
+def test_cpu_mode_helpers():
+    a = np.arange(6.0).reshape(2, 3)
+    assert backend.to_host(a) is a
+    copy = backend.host_copy(a)
+    assert copy is not a and np.array_equal(copy, a)
+    dst = np.zeros((2, 3))
+    backend.copy_into(dst, a)
+    assert np.array_equal(dst, a)
+    target = np.zeros(4)
+    backend.scatter_add(np, target, np.array([1, 1, 3]), np.array([1.0, 2.0, 5.0]))
+    assert target.tolist() == [0.0, 3.0, 0.0, 5.0]
+    assert backend.device_memory_peak() == 0 and backend.memory_pool() is None
+    backend.synchronize()
+    assert backend.pinned_empty((2, 2), np.float32).shape == (2, 2)
+
+
+def test_blob_host_copies():
+    blob = Blob((2, 3), dtype=np.float64)
+    blob.data[...] = 1.5
+    host = blob.host_data()
+    host[...] = 0
+    assert float(blob.data.sum()) == 9.0  # a copy, never a view
+    assert blob.host_diff().shape == (2, 3)
+
+
+# -- the fake CuPy itself ------------------------------------------------------------------------
+def test_fake_cupy_has_cupys_rules():
+    x = fcp.arange(6, dtype=np.float32).reshape(2, 3)
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.asarray(x)
+    with pytest.raises(TypeError, match="NumPy array was mixed"):
+        x + np.ones(3, dtype=np.float32)
+    with pytest.raises(TypeError, match="NumPy array was mixed"):
+        np.ones(3, dtype=np.float32) * x
+    with pytest.raises(TypeError, match="NumPy array was mixed"):
+        fcp.maximum(x, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="non-scalar numpy"):
+        fcp.copyto(x, np.zeros((2, 3)))
+    with pytest.raises(AttributeError, match="CuPy does not"):
+        fcp.nditer  # noqa: B018
+    with pytest.raises(NotImplementedError):
+        fcp.multiply.at(x, 0, 2.0)
+    with pytest.raises(ValueError, match="kind"):
+        fcp.argsort(x, kind="quicksort")
+    assert isinstance(x[0, 1], fcp.ndarray) and x[0, 1].ndim == 0  # 0-d, not a NumPy scalar
+    assert isinstance(x.sum(), fcp.ndarray) and float(x.sum()) == 15.0
+    x[...] = np.ones((2, 3))  # assigning host values is allowed, as in CuPy
+    assert isinstance(np.sum(x), fcp.ndarray)  # __array_function__ dispatch, as in CuPy
+    fcp.add.at(x, fcp.asarray([0, 0]), 1.0)
+    assert x.get()[0].tolist() == [3.0, 3.0, 3.0]
+    target = fcp.zeros(3)
+    backend.scatter_add(fcp, target, fcp.asarray([2, 2]), fcp.asarray([1.0, 2.0]))
+    assert target.get().tolist() == [0.0, 0.0, 3.0]
+
+
+def test_gpu_mode_blobs_live_on_the_device(fake_gpu):
+    netengine.set_mode_gpu()
+    assert backend.mode() == "gpu" and backend.xp() is fcp
+    blob = Blob((2, 3))
+    assert isinstance(blob.data, fcp.ndarray) and isinstance(blob.diff, fcp.ndarray)
+    blob.data[...] = np.arange(6).reshape(2, 3)
+    host = blob.host_data()
+    assert isinstance(host, np.ndarray) and host.tolist() == [[0, 1, 2], [3, 4, 5]]
+    dst = fcp.zeros((2, 3), dtype=np.float32)
+    backend.copy_into(dst, np.full((2, 3), 7.0))  # host -> device via ndarray.set
+    assert dst.get().tolist() == [[7.0] * 3] * 2
+    backend.copy_into(dst[:, :2], np.zeros((2, 2)))  # not contiguous: plain assignment
+    assert dst.get()[:, 2].tolist() == [7.0, 7.0]
+    assert backend.device_memory_peak() == 0  # the fake pool holds nothing
+    backend.track_device_memory(True)
+    backend.track_device_memory(False)
+    backend.reset_device_memory_peak()
+    assert "fake_cupy" in backend.device_summary()
+
+
+# -- every layer through the GPU code path --------------------------------------------------------
+@pytest.mark.parametrize("case", golden_cases(), ids=lambda c: c["name"])
+def test_golden_case_on_fake_gpu(case, fake_gpu, golden_dir):
+    missing = missing_types(case["layer_types_in_net"])
+    if missing:
+        pytest.skip(f"layer type(s) not implemented yet: {missing}")
+    assert_agree(run_golden_case(case, False), run_golden_case(case, True), case["name"])
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda s: s.name)
+def test_layer_snippet_on_fake_gpu(snippet, fake_gpu):
+    assert_agree(run_snippet(snippet, False), run_snippet(snippet, True), snippet.name)
+
+
+def test_every_registered_type_is_covered():
+    """Each registered type has a golden case or a snippet, or reads files/host data only."""
+    host_only = {"Data", "HDF5Data", "MemoryData", "Input", "Python"}
+    covered = {t for c in golden_cases() for t in c["layer_types_in_net"]}
+    covered |= {s.text.split('"')[1] for s in SNIPPETS}
+    if not GOLDEN.exists():
+        pytest.skip("golden cases absent")
+    missing = sorted(set(netengine.layer_type_list()) - covered - host_only)
+    assert not missing, f"add a device_agreement snippet for: {missing}"
+
+
+def test_lenet_solver_steps_on_fake_gpu(fake_gpu, tmp_path, golden_dir):
+    """Three LeNet SGD iterations (golden net, weights and data) in GPU mode agree with CPU."""
+    solver_module = pytest.importorskip("netengine.solver")
+    data = np.load(golden_dir / "lenet_data.npz")
+    images = data["images_uint8"][:192, None].astype(np.float32) * np.float32(0.00390625)
+    labels = data["labels"][:192].astype(np.float32)
+    text = (golden_dir / "lenet_solver_sgd.prototxt").read_text().replace(
+        'net: "lenet_train.prototxt"', f'net: "{golden_dir / "lenet_train.prototxt"}"')
+    (tmp_path / "solver.prototxt").write_text(text)
+
+    def run(device: bool):
+        if device:
+            backend.set_mode_gpu()
+        try:
+            solver = solver_module.get_solver(str(tmp_path / "solver.prototxt"))
+            solver.net.copy_from(str(golden_dir / "lenet_init.caffemodel"))
+            losses = []
+            for it in range(3):
+                solver.net.blobs["data"].data[...] = images[64 * it:64 * it + 64]
+                solver.net.blobs["label"].data[...] = labels[64 * it:64 * it + 64]
+                solver.step(1)
+                losses.append(float(solver.smoothed_loss))
+            return losses, {name: [b.host_data() for b in blobs]
+                            for name, blobs in solver.net.params.items()}
+        finally:
+            backend.set_mode_cpu()
+
+    cpu_losses, cpu_params = run(False)
+    gpu_losses, gpu_params = run(True)
+    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-5)
+    for name in cpu_params:
+        for a, b in zip(cpu_params[name], gpu_params[name]):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+# -- static audit --------------------------------------------------------------------------------
+COMPUTE_METHODS = {"compute_forward", "compute_backward", "forward", "backward", "reshape"}
+HOST_SIDE_FILES = {"data.py", "python_layer.py"}  # read files / call user code on the host
+FORBIDDEN_CALLS = {
+    ("np", "add", "at"): "np.add.at works on NumPy only: use backend.scatter_add(xp, ...)",
+    ("np", "lib"): "np.lib.stride_tricks is NumPy only: use xp.lib.stride_tricks",
+    ("np", "random"): "np.random draws on the host: use backend.random_uniform(xp, ...)",
+    ("np", "asarray"): "np.asarray on a device array raises: use backend.to_host / xp.asarray",
+    ("np", "array"): "np.array on a device array raises: use backend.to_host / xp.asarray",
+    ("np", "ascontiguousarray"): "NumPy only: use xp.ascontiguousarray",
+    ("np", "copyto"): "NumPy only: use xp.copyto",
+    ("np", "einsum"): "NumPy only: use xp.einsum",
+    ("np", "where"): "NumPy only: use xp.where",
+    ("np", "zeros_like"): "NumPy only: use xp.zeros_like",
+    ("np", "empty_like"): "NumPy only: use xp.empty_like",
+}
+
+
+def _dotted(node) -> tuple[str, ...]:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return tuple(reversed(parts))
+
+
+def _audit(path: Path) -> list[str]:
+    problems = []
+    tree = ast.parse(path.read_text())
+    for func in ast.walk(tree):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        in_ops = path.parent.name == "ops"
+        if not in_ops and func.name not in COMPUTE_METHODS:
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, ast.Call):
+                name = _dotted(node.func)
+                for prefix, why in FORBIDDEN_CALLS.items():
+                    if name[:len(prefix)] == prefix:
+                        problems.append(f"{path.name}:{node.lineno} {'.'.join(name)}: {why}")
+                        break
+                if name[-1:] == ("tolist",):
+                    problems.append(f"{path.name}:{node.lineno} .tolist() copies device data to "
+                                    "the host every pass")
+    return problems
+
+
+def test_layers_avoid_numpy_only_calls():
+    """Layers' compute methods and the ops kernels call no NumPy-only functions on data."""
+    files = sorted((REPO / "netengine" / "layers").glob("*.py"))
+    files += sorted((REPO / "netengine" / "ops").glob("*.py"))
+    problems = [p for f in files if f.name not in HOST_SIDE_FILES for p in _audit(f)]
+    assert not problems, "NumPy-only calls in the GPU code path:\n" + "\n".join(problems)
