@@ -1,0 +1,61 @@
+"""export_onnx: a deploy net and its caffemodel → an ONNX model (opset 13).
+
+    tools/export_onnx --model deploy.prototxt --weights w.caffemodel -o net.onnx [--verify]
+
+Exports the layers whose ONNX equivalents are exact (see netengine/onnx_export.py); any other
+layer stops the export with one line naming it. ``--verify`` runs the ONNX model in
+onnxruntime and the net in netengine on the same random input and prints the largest
+relative difference (exit 1 above 1e-4). Needs the optional onnx package (and onnxruntime for
+--verify). Errors print one line and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from netengine.errors import NetEngineError
+
+TOLERANCE = 1e-4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="export_onnx", description="Export a Caffe deploy net with its weights to ONNX.")
+    parser.add_argument("--model", required=True, help="deploy prototxt (fixed input shapes)")
+    parser.add_argument("--weights", help="caffemodel (.caffemodel or .caffemodel.h5); without "
+                                          "it the fillers' initial weights are exported")
+    parser.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare onnxruntime with netengine on a random input")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from netengine import onnx_export
+        from netengine.net import TEST, Net
+
+        net = Net(args.model, TEST, weights=args.weights)
+        model = onnx_export.export(net, args.output)
+        shapes = ", ".join(f"{name}{tuple(net.blobs[name].shape)}" for name in net.inputs)
+        print(f"Wrote {args.output}: {len(model.graph.node)} nodes, opset {onnx_export.OPSET}, "
+              f"inputs {shapes}, outputs {', '.join(onnx_export.output_names(model))}")
+        if not args.weights:
+            print("export_onnx: no --weights given: the exported weights are the fillers' "
+                  "initial values", file=sys.stderr)
+        if args.verify:
+            worst = onnx_export.verify(net, model)
+            print(f"onnxruntime vs netengine: largest relative difference {worst:.3g}")
+            if not worst <= TOLERANCE:
+                print(f"export_onnx: error: outputs differ by {worst:.3g} (more than "
+                      f"{TOLERANCE:g})", file=sys.stderr)
+                return 1
+    except NetEngineError as err:
+        print(f"export_onnx: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
