@@ -102,10 +102,11 @@ class Pool2d:
         src = self.source(x, -np.inf)
         mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
         marks = self._buffer("marks", self.shape[:2] + self.out_shape, dtype=choice.dtype)
+        view = self._buffer("view", self.shape[:2] + self.out_shape)
         y[...] = -FLT_MAX
         choice[...] = 0
         for k, offset in enumerate(self.offsets):
-            view = self.window(src, offset)
+            xp.copyto(view, self.window(src, offset))  # one strided read, then contiguous ops
             xp.greater(view, y, out=mask)
             xp.fmax(y, view, out=y)  # fmax: NaN never replaces y
             xp.multiply(mask, choice.dtype.type(k + 1), out=marks)
