@@ -7,7 +7,8 @@ import pytest
 
 from netengine import docgen
 from netengine.cli import gen_layer_docs
-from netengine.layers import REGISTRY, layer_type_list
+from netengine.layers import REGISTRY
+from netengine.layers.base import Layer
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,21 @@ def test_layers_md_is_up_to_date(generated):
 
 
 def test_every_registered_type_has_a_section(generated):
-    for name in layer_type_list():
+    shipped = docgen.shipped_types()
+    assert "ReLU" in shipped and "Convolution" in shipped
+    for name in shipped:
         assert f"\n## {name}\n" in generated
         assert f"| [{name}](#{name.lower()}) |" in generated
-    assert generated.count("\n## ") == len(REGISTRY) + 3  # + common, shared, forks
+    assert generated.count("\n## ") == len(shipped) + 3  # + common, shared, forks
+
+
+def test_types_registered_outside_the_package_are_not_documented(monkeypatch):
+    class TestOnly(Layer):
+        type = "DocgenTestOnlyLayer"
+
+    monkeypatch.setitem(REGISTRY, TestOnly.type, TestOnly)
+    assert "DocgenTestOnlyLayer" not in docgen.shipped_types()
+    assert "DocgenTestOnlyLayer" not in docgen.generate()
 
 
 def test_counts_params_defaults_and_comments(generated):
@@ -87,5 +99,5 @@ def test_cli_writes_and_checks(tmp_path, capsys):
     assert gen_layer_docs.main(["--check", "--out", str(out)]) == 1
     assert "out of date; run python tools/gen_layer_docs" in capsys.readouterr().err
     assert gen_layer_docs.main(["--out", str(out)]) == 0
-    assert f"({len(REGISTRY)} layer types)" in capsys.readouterr().out
+    assert f"({len(docgen.shipped_types())} layer types)" in capsys.readouterr().out
     assert gen_layer_docs.main(["--check", "--out", str(out)]) == 0

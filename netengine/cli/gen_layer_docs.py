@@ -32,9 +32,7 @@ def main(argv=None) -> int:
     from netengine.io import write_atomic
 
     write_atomic(args.out, text)
-    from netengine.layers import layer_type_list
-
-    print(f"Wrote {args.out} ({len(layer_type_list())} layer types)")
+    print(f"Wrote {args.out} ({len(docgen.shipped_types())} layer types)")
     return 0
 
 
