@@ -108,8 +108,6 @@ class Pooling(Layer):
         if getattr(self, "_choice_key", None) != (xp, top_shape):
             self._choice_key = (xp, top_shape)
             self.choice = xp.empty(top_shape, dtype=self.pool.index_dtype())
-        if self.method == _P.AVE:
-            self.inv_divisor = xp.asarray(1.0 / self.pool.ave_divisor(), dtype=dtype)
 
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x, y = bottom[0].data, top[0].data
@@ -119,7 +117,7 @@ class Pooling(Layer):
                 self.pool.top_mask(self.choice, top[1].data)
         elif self.method == _P.AVE:
             self.pool.window_sums(x, y)
-            y *= self.inv_divisor
+            y *= self.pool.inverse_divisor()
         elif self.phase == caffe_pb2.TRAIN:
             uniform = backend.random_uniform(bottom[0].xp, y.shape, y.dtype)
             self.pool.sample_forward(x, y, self.choice, uniform)
@@ -135,7 +133,7 @@ class Pooling(Layer):
             return
         dy, dx = top[0].diff, bottom[0].diff
         if self.method == _P.AVE:
-            self.pool.spread_backward(dy * self.inv_divisor, dx)
+            self.pool.spread_backward(dy * self.pool.inverse_divisor(), dx)
         elif self.method == _P.STOCHASTIC and self.phase != caffe_pb2.TRAIN:
             raise self.fail("STOCHASTIC pooling back-propagates only in the TRAIN phase "
                             "(its TEST output Σx²/Σx has no backward in Caffe)")

@@ -188,6 +188,14 @@ class Pool2d:
                 self.window(acc, offset)[...] += g
         self._finish(acc, dx)
 
+    def inverse_divisor(self):
+        """1 / :meth:`ave_divisor` as an (out_h, out_w) device array, kept until reshaped."""
+        inv = self._bufs.get("inv_divisor")
+        if inv is None:
+            inv = self.xp.asarray(1.0 / self.ave_divisor(), dtype=self.dtype)
+            self._bufs["inv_divisor"] = inv
+        return inv
+
     def ave_divisor(self):
         """Caffe's AVE divisor per output cell: the window clipped to the padded extent
         (end = min(start + k, size + pad)) before it is clipped to the image."""
