@@ -177,3 +177,46 @@ def test_plot_errors(synthetic_log, tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot_log.main(["8", str(tmp_path / "x.png"), str(synthetic_log)])
+
+
+def test_netengine_training_log_end_to_end(tmp_path):
+    """A real netengine training run (step lr, tests every 5 iterations) parses like Caffe's."""
+    from google.protobuf import text_format
+
+    from netengine import logging_glog
+    from netengine.proto import caffe_pb2
+    from netengine.solver import get_solver
+
+    param = text_format.Parse("""
+        base_lr: 0.1 lr_policy: "step" gamma: 0.1 stepsize: 5 max_iter: 10 display: 5
+        test_iter: 2 test_interval: 5 snapshot_after_train: false random_seed: 3
+        net_param {
+          name: "tiny"
+          layer { name: "data" type: "DummyData" top: "data" top: "label"
+            dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 }
+                               data_filler { type: "gaussian" } data_filler { value: 1 } } }
+          layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+          layer { name: "accuracy" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy"
+            include { phase: TEST } }
+          layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+        }""", caffe_pb2.SolverParameter())
+    stream = io.StringIO()
+    logger = logging.getLogger(logging_glog.LOGGER_NAME)
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    logging_glog.install(stream=stream)
+    try:
+        get_solver(param).solve()
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+    log = tmp_path / "train.log"
+    log.write_text(stream.getvalue())
+    train, test, tables = logparse.write_tables(log, tmp_path)
+    assert [(r["NumIters"], r["LearningRate"]) for r in tables.train] == [(0, 0.1), (5, 0.01)]
+    assert [r["NumIters"] for r in tables.test] == [0, 5, 10]
+    assert logparse.LogTables.columns(tables.test) == ["NumIters", "Seconds", "LearningRate",
+                                                       "accuracy", "loss"]
+    assert train.read_text().startswith("NumIters,Seconds,LearningRate,loss\n0,")
+    assert all(r["Seconds"] >= 0 for r in tables.train + tables.test)
