@@ -10,6 +10,11 @@ machine, before they would fail on a GPU.
 from __future__ import annotations
 
 import ast
+import ctypes
+import functools
+import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import fake_cupy
@@ -26,7 +31,7 @@ from device_agreement import (
 )
 
 import netengine
-from netengine import backend
+from netengine import backend, kernels
 from netengine.blob import Blob
 from netengine.errors import NetEngineError
 
@@ -274,3 +279,141 @@ def test_layers_avoid_numpy_only_calls():
     files += sorted((REPO / "netengine" / "ops").glob("*.py"))
     problems = [p for f in files if f.name not in HOST_SIDE_FILES for p in _audit(f)]
     assert not problems, "NumPy-only calls in the GPU code path:\n" + "\n".join(problems)
+
+
+# -- the CUDA kernels' arithmetic, compiled for the host ---------------------------------------
+CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@functools.cache
+def _host_kernel(name: str, dtype: str, index_dtype: str | None, build_dir: str):
+    """kernels.py's CUDA source compiled with the host C++ compiler (NE_CPU: a plain loop)."""
+    source, func = kernels.kernel_source(name, dtype, index_dtype)
+    src = Path(build_dir) / f"{func}.cpp"
+    lib = src.with_suffix(".so")
+    src.write_text("#define NE_CPU 1\n" + source)
+    subprocess.run([CXX, "-O1", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True,
+                   capture_output=True)
+    return getattr(ctypes.CDLL(str(lib)), func)
+
+
+def _call(kernel, *args) -> None:
+    converted = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            assert a.flags.c_contiguous
+            converted.append(ctypes.c_void_p(a.ctypes.data))
+        elif isinstance(a, np.int64):
+            converted.append(ctypes.c_longlong(int(a)))
+        else:
+            converted.append(ctypes.c_int(int(a)))
+    kernel(*converted)
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no host C++ compiler to check the kernel sources with")
+    return str(tmp_path_factory.mktemp("kernels"))
+
+
+CONV_GEOMETRIES = [  # (n, C, H, W), kernel, stride, pad, dilation
+    ((2, 3, 7, 6), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((1, 2, 9, 8), (3, 2), (2, 3), (0, 1), (1, 1)),
+    ((3, 2, 10, 9), (3, 3), (2, 1), (2, 0), (2, 3)),
+    ((2, 1, 5, 5), (5, 5), (1, 1), (0, 0), (1, 1)),
+    ((8, 2, 12, 12), (5, 5), (1, 1), (0, 0), (1, 1)),  # LeNet-like: ConvGemm goes item-minor
+    ((9, 2, 7, 8), (3, 3), (2, 1), (1, 2), (1, 2)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=str)
+def test_im2col_col2im_sources_match_convgemm(geometry, dtype, build_dir):
+    from netengine.ops.im2col import ConvGemm, conv_output_size
+
+    shape, kernel, stride, pad, dilation = geometry
+    n, c, h, w = shape
+    out = tuple(conv_output_size(s, k, st, p, d)
+                for s, k, st, p, d in zip((h, w), kernel, stride, pad, dilation))
+    gemm = ConvGemm(kernel, stride, pad, dilation)
+    gemm.configure(np, np.dtype(dtype), n, c, (h, w), 4, out)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=shape).astype(dtype)
+    want = gemm.im2col(x).copy()
+    layout = "item_minor" if gemm.item_minor else "item_major"
+    (m1, m2), roles, strides = kernels._layout(layout, c * math.prod(kernel), n, math.prod(out))
+    cols = np.empty_like(want)
+    args = (n, c, h, w, *kernel, *stride, *pad, *out, *dilation)
+    _call(_host_kernel("im2col", dtype, None, build_dir), x, cols, np.int64(cols.size), *args,
+          np.int64(m1), np.int64(m2), *roles)
+    np.testing.assert_array_equal(cols, want)
+
+    grad_cols = rng.normal(size=want.shape).astype(dtype)
+    want_dx = np.empty(shape, dtype=dtype)
+    gemm.col2im(grad_cols, want_dx)
+    dx = np.full(shape, np.nan, dtype=dtype)
+    _call(_host_kernel("col2im", dtype, None, build_dir), grad_cols, dx, np.int64(dx.size),
+          *args, *(np.int64(v) for v in strides))
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6 if dtype == "float32" else 1e-13,
+                               atol=1e-6 if dtype == "float32" else 1e-13)
+
+
+POOL_GEOMETRIES = [  # (n, C, H, W), kernel, stride, pad, ceil mode
+    ((2, 3, 8, 8), (2, 2), (2, 2), (0, 0), True),  # LeNet: tiles the input
+    ((2, 2, 7, 7), (3, 3), (2, 2), (0, 0), True),  # windows hang over the far edge
+    ((1, 2, 6, 7), (3, 3), (2, 2), (1, 1), True),  # padding, clipped last window
+    ((1, 1, 5, 6), (3, 2), (1, 2), (1, 0), False),
+    ((1, 2, 4, 4), (4, 4), (1, 1), (0, 0), True),  # global
+]
+
+
+def _pool(shape, kernel, stride, pad, ceil_mode, dtype):
+    from netengine.ops.pool_ops import Pool2d, pooled_size
+
+    out = tuple(pooled_size(s, k, st, p, ceil_mode, any(pad))
+                for s, k, st, p in zip(shape[2:], kernel, stride, pad))
+    pool = Pool2d()
+    pool.configure(np, np.dtype(dtype), shape, kernel, stride, pad, out)
+    return pool, out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=str)
+def test_pooling_sources_match_pool_ops(geometry, dtype, build_dir):
+    shape, kernel, stride, pad, ceil_mode = geometry
+    pool, out = _pool(shape, kernel, stride, pad, ceil_mode, dtype)
+    n, c, h, w = shape
+    args = (n, c, h, w, *kernel, *stride, *pad, *out)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape).astype(dtype)
+    x.reshape(-1)[::7] = x.reshape(-1)[1]  # ties: the first maximum must win
+    index = np.dtype(pool.index_dtype())
+    y_shape = (n, c, *out)
+
+    want_y, want_choice = np.empty(y_shape, dtype), np.empty(y_shape, index)
+    pool.max_forward(x, want_y, want_choice)
+    y, choice = np.empty(y_shape, dtype), np.empty(y_shape, index)
+    base = 1  # pool_ops numbers its choice 1 + kernel offset, 0 for none
+    _call(_host_kernel("max_pool", dtype, index.name, build_dir), x, y, choice,
+          np.int64(y.size), *args, base)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(choice, want_choice)
+
+    dy = rng.normal(size=y_shape).astype(dtype)
+    want_dx, dx = np.empty(shape, dtype), np.full(shape, np.nan, dtype)
+    pool.route_backward(dy, want_choice, want_dx)
+    _call(_host_kernel("pool_route_backward", dtype, index.name, build_dir), dy, choice, dx,
+          np.int64(dx.size), *args, base)
+    np.testing.assert_array_equal(dx, want_dx)
+
+    inv = (1.0 / pool.ave_divisor()).astype(dtype)
+    want_y = np.empty(y_shape, dtype)
+    pool.window_sums(x, want_y)
+    want_y *= inv
+    _call(_host_kernel("ave_pool", dtype, None, build_dir), x, y, np.int64(y.size), *args)
+    np.testing.assert_array_equal(y, want_y)
+    pool.spread_backward(dy * inv, want_dx)
+    _call(_host_kernel("ave_pool_backward", dtype, None, build_dir), dy, dx, np.int64(dx.size),
+          *args)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-7)
