@@ -205,14 +205,16 @@ def test_convolution_axis_and_leading_dims(xp):
     check_gradient(layer, bottom, top)
 
 
-def test_convolution_multiple_bottoms_share_weights(xp, order):
-    layer = layer_of("Convolution", "num_output: 2 kernel_size: 2 stride: 2")
+@pytest.mark.parametrize("kind, ref", [("Convolution", ref_conv),
+                                       ("Deconvolution", ref_deconv)])
+def test_multiple_bottoms_share_weights(xp, order, kind, ref):
+    layer = layer_of(kind, "num_output: 2 kernel_size: 2 stride: 2")
     bottom = make_blobs([(1, 2, 4, 4), (1, 2, 4, 4)], xp=xp)
     top = setup_layer(layer, bottom, 2)
     layer.forward(bottom, top)
     for b, t in zip(bottom, top):
-        expected = ref_conv(host(b.data), host(layer.blobs[0].data), host(layer.blobs[1].data),
-                            stride=2)
+        expected = ref(host(b.data), host(layer.blobs[0].data), host(layer.blobs[1].data),
+                       stride=2)
         np.testing.assert_allclose(host(t.data), expected, rtol=1e-10)
     check_gradient(layer, bottom, top)
 
