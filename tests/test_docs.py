@@ -101,3 +101,14 @@ def test_cli_writes_and_checks(tmp_path, capsys):
     assert gen_layer_docs.main(["--out", str(out)]) == 0
     assert f"({len(docgen.shipped_types())} layer types)" in capsys.readouterr().out
     assert gen_layer_docs.main(["--check", "--out", str(out)]) == 0
+
+
+def test_regenerate_command_in_the_message_works():
+    import subprocess
+    import sys
+
+    command = docgen.REGENERATE.split()
+    assert command[:2] == ["python", "tools/gen_layer_docs"]
+    done = subprocess.run([sys.executable, command[1], "--check", "--out", "/dev/null"],
+                          cwd=docgen.REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "out of date" in done.stderr

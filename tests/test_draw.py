@@ -135,3 +135,19 @@ def test_cli_renders_real_nets(tmp_path, capsys, net, suffix, options, must_cont
 def test_dot_failure_is_reported(tmp_path):
     with pytest.raises(draw.NetEngineError, match="Graphviz dot failed"):
         draw.render("digraph { this is not dot", tmp_path / "bad.svg")
+
+
+def test_tools_wrapper_runs(tmp_path):
+    """tools/draw_net is a thin wrapper that runs from a source checkout."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    net = tmp_path / "n.prototxt"
+    net.write_text(SMALL)
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "draw_net"), str(net),
+                           str(tmp_path / "n.dot"), "--phase", "TEST"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "n.dot").read_text().startswith('digraph "small"')
