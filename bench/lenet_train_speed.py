@@ -82,11 +82,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _sync() -> None:
-    if backend.mode() == "gpu":
-        backend.xp().cuda.get_current_stream().synchronize()
-
-
 def build_solver(folder: Path, batch: int) -> SGDSolver:
     if batch == 64 and GOLDEN_NET.exists():
         net = GOLDEN_NET
@@ -122,18 +117,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         solver = build_solver(Path(tmp), args.batch)
         solver.step(args.warmup)
-        _sync()
+        backend.synchronize()
         rates = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             solver.step(args.iterations)
-            _sync()
+            backend.synchronize()
             rates.append(args.batch * args.iterations / (time.perf_counter() - start))
         update_ms = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             solver.apply_update()
-            _sync()
+            backend.synchronize()
             update_ms.append((time.perf_counter() - start) * 1e3)
         forward_ms, backward_ms, _ = layer_times(solver.net, args.iterations)
     device = f"GPU {args.gpu}" if args.gpu is not None else "CPU"

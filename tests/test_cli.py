@@ -203,3 +203,19 @@ def test_time_tool_prints_layer_table(tmp_path, monkeypatch, capsys):
         assert phrase in log
     assert time_cli.main(["--model", "nope.prototxt"]) == 1
     assert capsys.readouterr().err.strip().endswith("error: file not found: nope.prototxt")
+
+
+def test_train_and_time_with_gpu_flag_on_fake_cupy(tmp_path, monkeypatch, capsys):
+    """--gpu 0 runs the whole tool on the GPU path (tests/fake_cupy.py stands in for CuPy)."""
+    fake_cupy = pytest.importorskip("fake_cupy").cupy
+    monkeypatch.setattr(backend, "_import_cupy", lambda: fake_cupy)
+    monkeypatch.chdir(tmp_path)
+    _solver(tmp_path)
+    assert train_cli.main(["--solver", "solver.prototxt", "--gpu", "0", "--max_iter", "4"]) == 0
+    log = capsys.readouterr().err
+    assert "Use GPU with device ID 0" in log and "Optimization Done." in log
+    assert time_cli.main(["--model", "tiny_net.prototxt", "--gpu", "0", "--iterations",
+                          "2"]) == 0
+    assert test_cli.main(["--model", "tiny_net.prototxt", "--gpu", "0", "--weights",
+                          "snaps/tiny_iter_4.caffemodel", "--iterations", "2"]) == 0
+    assert "Total Time:" in capsys.readouterr().err

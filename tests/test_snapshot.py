@@ -388,3 +388,46 @@ def test_sigint_effect_none_keeps_training(tmp_path):
     code, log = _finish(proc, lines)
     assert code == 0, log
     assert "Caught SIGINT; ignored" in log and "Caught SIGHUP: stopping" in log
+
+
+DATA_NET = """name: "mnist_small"
+layer { name: "mnist" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { scale: 0.00390625 crop_size: 24 mirror: true }
+  data_param { source: "%(source)s" batch_size: 16 prefetch: 2 } }
+layer { name: "mnist" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { scale: 0.00390625 crop_size: 24 }
+  data_param { source: "%(source)s" batch_size: 10 } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+layer { name: "drop" type: "Dropout" bottom: "ip" top: "ip" include { phase: TRAIN } }
+layer { name: "accuracy" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy"
+  include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def test_resume_is_bit_identical_with_the_data_layer(tmp_path):
+    """The same claim with the real Data layer (MNIST IDX, random crops and mirrors, prefetch)
+    whose ``seek`` the solver calls on restore."""
+    need_layers("Data", "InnerProduct", "Dropout", "Accuracy", "SoftmaxWithLoss")
+    source = REPO / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
+    if not source.exists():
+        pytest.skip("embedded MNIST data absent")
+    (tmp_path / "net.prototxt").write_text(DATA_NET % {"source": source})
+
+    def make(name: str, max_iter: int):
+        path = tmp_path / f"{name}.prototxt"
+        path.write_text('net: "net.prototxt"\nbase_lr: 0.05\nmomentum: 0.9\nlr_policy: "fixed"\n'
+                        "random_seed: 42\ntest_iter: 3\ntest_interval: 3\n"
+                        f'max_iter: {max_iter}\nsnapshot_prefix: "{tmp_path / name}"\n')
+        return get_solver(str(path))
+
+    straight = make("straight", 8)
+    straight.solve()
+    first = make("first", 4)
+    first.solve()
+    resumed = make("resumed", 8)
+    resumed.solve(str(tmp_path / "first_iter_4.solverstate"))
+    for mine, theirs in zip(resumed.net.learnable_params, straight.net.learnable_params):
+        np.testing.assert_array_equal(mine.data, theirs.data)
+    assert resumed.test_results == straight.test_results

@@ -494,3 +494,35 @@ def test_random_seed_rederived_every_iteration(tmp_path):
     solver.step(1)
     assert record[3] == record[1]
     assert len({value for _, value in record[:3]}) == 3
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """GPU mode on tests/fake_cupy.py (NumPy underneath, CuPy's rules on top)."""
+    fake_cupy = pytest.importorskip("fake_cupy").cupy
+    monkeypatch.setattr(netengine.backend, "_import_cupy", lambda: fake_cupy)
+    netengine.set_mode_gpu()
+    yield fake_cupy
+    netengine.set_mode_cpu()
+
+
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_update_rules_on_the_gpu_path(kind, tmp_path, fake_gpu):
+    """Every rule, L1, clipping, iter_size, snapshot and restore run through CuPy's API."""
+    text = solver_text(kind, weight_decay=0.01, regularization_type="L1", clip_gradients=0.5,
+                       iter_size=2) + f'snapshot_prefix: "{tmp_path / "g"}"\n'
+    solver, feeder = tiny_solver(tmp_path, text)
+    assert solver.net.learnable_params[0].xp is fake_gpu
+    w, b = (netengine.backend.to_host(p.data).copy() for p in solver.net.learnable_params)
+    ref, *_ = reference_run(kind, w, b, feeder.xs, feeder.ys, 3, weight_decay=0.01, reg="L1",
+                            clip=0.5, iter_size=2, **{"base_lr": 0.1, **SETTINGS[kind]})
+    solver.step(3)
+    for got, want in zip(solver.net.learnable_params, ref):
+        np.testing.assert_allclose(netengine.backend.to_host(got.data), want, rtol=2e-5,
+                                   atol=1e-6)
+    _, state = solver.snapshot()
+    again, _ = tiny_solver(tmp_path, text)
+    again.restore(state)
+    for mine, theirs in zip(again.history, solver.history):
+        np.testing.assert_array_equal(netengine.backend.to_host(mine.data),
+                                      netengine.backend.to_host(theirs.data))

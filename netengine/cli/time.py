@@ -36,11 +36,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _sync() -> None:
-    if backend.mode() == "gpu":
-        backend.xp().cuda.get_current_stream().synchronize()
-
-
 def layer_times(net, iterations: int, report=None) -> tuple[list[float], list[float], float]:
     """Mean forward and backward ms per layer over ``iterations`` passes, and the total ms.
 
@@ -55,14 +50,14 @@ def layer_times(net, iterations: int, report=None) -> tuple[list[float], list[fl
         for i in range(n):
             t = clock()
             net.forward_from_to(i, i)
-            _sync()
+            backend.synchronize()
             forward_ms[i] += (clock() - t) * 1e3
         for i in range(n - 1, -1, -1):
             if not net.layer_need_backward[i]:
                 continue
             t = clock()
             net.backward_from_to(i, i)
-            _sync()
+            backend.synchronize()
             backward_ms[i] += (clock() - t) * 1e3
         if report is not None:
             report(j, (clock() - start) * 1e3)
@@ -89,7 +84,7 @@ def benchmark(args) -> int:
     log.info("Initial loss: %s", fmt(loss), extra=where)
     log.info("Performing Backward", extra=where)
     net.backward_from_to(len(net.layers) - 1, 0)
-    _sync()
+    backend.synchronize()
     log.info("*** Benchmark begins ***", extra=where)
     log.info("Testing for %d iterations.", args.iterations, extra=where)
     forward_ms, backward_ms, total = layer_times(
