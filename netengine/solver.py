@@ -351,11 +351,13 @@ class Solver:
         self._timer = time.perf_counter()
         self._iters_last = self.iter
         net = self.net
+        stopped = False
         while self.iter < stop_iter:
             net.clear_param_diffs()
             if self._test_due(self.iter):
                 self.test_all()
                 if self.requested_early_exit:
+                    stopped = True
                     break
             for callback in self._callbacks:
                 callback.on_start()
@@ -382,8 +384,9 @@ class Solver:
                 self.snapshot()
             if request == "stop":
                 self._stop_requested()
+                stopped = True
                 break
-        if self.requested_early_exit and self._last_snapshot_iter != self.iter:
+        if stopped and self._last_snapshot_iter != self.iter:
             self.snapshot()
 
     def _stop_requested(self) -> None:

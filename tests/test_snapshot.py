@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
-from test_solver import Feeder, need_layers, solver_text, tiny_solver, write_tiny
+from test_solver import Feeder, need_layers, solver_text, tiny_data, tiny_solver, write_tiny
 
 from netengine import backend, snapshot
 from netengine.errors import SolverError
@@ -431,3 +431,33 @@ def test_resume_is_bit_identical_with_the_data_layer(tmp_path):
     for mine, theirs in zip(resumed.net.learnable_params, straight.net.learnable_params):
         np.testing.assert_array_equal(mine.data, theirs.data)
     assert resumed.test_results == straight.test_results
+
+
+def test_action_function_snapshot_and_stop(tmp_path):
+    """Actions polled after each iteration: "snapshot" writes one and goes on, "stop" writes
+    one and ends solve() early; a stop during testing ends the test and the run too."""
+    text = solver_text("SGD").replace("max_iter: 100", "max_iter: 50")
+    text += f'snapshot_prefix: "{tmp_path / "out" / "a"}"\n'
+    solver, _ = tiny_solver(tmp_path, text)
+    actions = iter(["none", "snapshot", "none", "stop"])
+    solver.set_action_function(lambda: next(actions, "none"))
+    solver.solve()
+    assert solver.iter == 4 and solver.requested_early_exit
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_iter_2.caffemodel", "a_iter_2.solverstate", "a_iter_4.caffemodel",
+        "a_iter_4.solverstate"]
+    text = text.replace("max_iter: 50", "max_iter: 50\ntest_iter: 5\ntest_interval: 3")
+    solver, _ = tiny_solver(tmp_path, text.replace('/ "out" / "a"', "").replace(
+        str(tmp_path / "out" / "a"), str(tmp_path / "b")))
+    Feeder(solver.test_nets[0], *tiny_data(2))
+    polls = []
+
+    def action() -> str:
+        polls.append(solver.iter)
+        # 5 polls testing at 0, 3 after iterations 0-2, then the 4th test batch at 3
+        return "stop" if len(polls) == 12 else "none"
+
+    solver.set_action_function(action)
+    solver.solve()
+    assert solver.iter == 3 and solver.test_results == [{}]  # the test at 3 was cut short
+    assert (tmp_path / "b_iter_3.solverstate").exists()
