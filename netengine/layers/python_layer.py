@@ -35,6 +35,7 @@ import importlib.util
 import os
 import sys
 import threading
+import traceback
 
 import numpy as np
 
@@ -102,10 +103,11 @@ class PyBlob:
         return self._blob.count
 
     def _legacy(self, axis: int) -> int:
+        """Caffe's LegacyShape(axis): axes past the blob's own count read as 1."""
         shape = self._blob.shape
         if len(shape) > 4:
             raise ValueError(f"num/channels/height/width need at most 4 axes, shape is {shape}")
-        return ((1,) * (4 - len(shape)) + shape)[axis] if len(shape) < 4 else shape[axis]
+        return shape[axis] if axis < len(shape) else 1
 
     num = property(lambda self: self._legacy(0))
     channels = property(lambda self: self._legacy(1))
@@ -276,8 +278,12 @@ class Python(Layer):
             else:
                 method(views(first), list(propagate_down), views(second))
         except Exception as err:
-            raise self.fail(f"{type(self.impl).__name__}.{name} raised "
-                            f"{type(err).__name__}: {err}") from err
+            frames = traceback.extract_tb(err.__traceback__)
+            where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+            failure = self.fail(f"{type(self.impl).__name__}.{name} raised "
+                                f"{type(err).__name__}: {err}{where}")
+            failure.user_exception = err  # the user's own exception, with its traceback
+            raise failure from err
         finally:
             if not on_host:
                 self.in_host_call = False
