@@ -1,11 +1,14 @@
 """export_onnx: a deploy net and its caffemodel → an ONNX model (opset 13).
 
     tools/export_onnx --model deploy.prototxt --weights w.caffemodel -o net.onnx [--verify]
+                      [--input-shape data=1,3,224,224 ...]
 
 Exports the layers whose ONNX equivalents are exact (see netengine/onnx_export.py); any other
 layer stops the export with one line naming it. ``--verify`` runs the ONNX model in
 onnxruntime and the net in netengine on the same random input and prints the largest
-relative difference (exit 1 above 1e-4). Needs the optional onnx package (and onnxruntime for
+relative difference (exit 1 above 1e-4). ``--input-shape`` replaces the shape of an input
+(or the data layer producing that top), e.g. to export a batch-10 deploy net with batch 1; the
+ONNX graph has fixed shapes. Needs the optional onnx package (and onnxruntime for
 --verify). Errors print one line and exit 1.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", help="caffemodel (.caffemodel or .caffemodel.h5); without "
                                           "it the fillers' initial weights are exported")
     parser.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                        help="shape for input NAME instead of the prototxt's (repeatable)")
     parser.add_argument("--verify", action="store_true",
                         help="compare onnxruntime with netengine on a random input")
     return parser.parse_args(argv)
@@ -35,15 +40,17 @@ def main(argv=None) -> int:
     try:
         from netengine import onnx_export
         from netengine.net import TEST, Net
+        from netengine.summary import parse_shape_spec
 
-        net = Net(args.model, TEST, weights=args.weights)
+        shapes = dict(parse_shape_spec(spec) for spec in args.input_shape)
+        net = Net(args.model, TEST, weights=args.weights, input_shapes=shapes or None)
+        if not args.weights:
+            print("export_onnx: no --weights given: the exported weights are the fillers' "
+                  "initial values", file=sys.stderr)
         model = onnx_export.export(net, args.output)
         shapes = ", ".join(f"{name}{tuple(net.blobs[name].shape)}" for name in net.inputs)
         print(f"Wrote {args.output}: {len(model.graph.node)} nodes, opset {onnx_export.OPSET}, "
               f"inputs {shapes}, outputs {', '.join(onnx_export.output_names(model))}")
-        if not args.weights:
-            print("export_onnx: no --weights given: the exported weights are the fillers' "
-                  "initial values", file=sys.stderr)
         if args.verify:
             worst = onnx_export.verify(net, model)
             print(f"onnxruntime vs netengine: largest relative difference {worst:.3g}")
