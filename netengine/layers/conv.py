@@ -141,9 +141,11 @@ class Convolution(_ConvBase):
 
     Weight (num_output, C/group, *kernel); bias (num_output). Output size per spatial axis
     (rounded down): floor((in + 2·pad − (dilation·(kernel−1) + 1)) / stride) + 1.
-    channels % group and num_output % group must be 0. Computed as im2col + one GEMM per group
-    for the whole batch; 1x1 kernels with stride 1 and pad 0 skip im2col. The weight gradient
-    reuses the columns of the last forward (Caffe rebuilds them from the bottom at backward).
+    channels % group and num_output % group must be 0. Computed as im2col of the whole batch +
+    batched GEMMs (ops.im2col.ConvGemm); 1x1 kernels with stride 1 and pad 0 skip im2col. The
+    weight gradient reuses the columns of the last forward where they are still in the buffer
+    (Caffe rebuilds them from the bottom's data at backward; the same unless the bottom was
+    overwritten in between).
     """
 
     type = "Convolution"
