@@ -2,8 +2,9 @@
 
 For each net file (solvers are recognised by parsing and checked separately) the test builds
 the TEST phase, and the TRAIN phase where the file has TRAIN-only rules, through
-``netengine.summary.build`` — the same call ``tools/summarize`` makes. The verdict is asserted
-per file and phase:
+``netengine.cli.summarize.run`` — the function behind ``tools/summarize`` (exit status 0 with
+the table, or 1 with the one-line reason), so the tool's verdict is the one asserted here, per
+file and phase:
 
 * **built**: every blob shape listed in ``computed_facts.json`` (``shapes_TEST``) matches;
 * **refused** with a one-line NetEngineError naming file, line, layer and the reason, one of:
@@ -45,6 +46,7 @@ from conftest import ACCEPTANCE
 
 from netengine import fillers, summary, upgrade
 from netengine.blob import Blob
+from netengine.cli import summarize as summarize_cli
 from netengine.errors import NetEngineError
 from netengine.io import read_text_proto
 from netengine.layers import layer_type_list
@@ -283,9 +285,12 @@ def verdict_for(rel: str, phase: int, param, stages=(), force_stand_ins=False) -
     path = ACCEPTANCE / rel
     expected = None if force_stand_ins else expected_refusal(rel, phase)
     stand_ins = stand_in_shapes(rel, param, phase) if force_stand_ins else None
-    try:
-        net = summary.build(path, phase, stand_ins, stages=stages)
-    except NetEngineError as err:
+    # the verdict of tools/summarize (netengine.cli.summarize.run), which builds via
+    # netengine.summary.build: exit status 0 with the table, or 1 with the one-line reason
+    result = summarize_cli.run(path, phase, stand_ins, stages=stages)
+    if result.status:
+        err = result.error
+        assert result.status == 1 and result.text == f"summarize: refused: {err}"
         text = check_one_line(err, rel)
         missing = missing_bvlc_types(param)
         if missing and any(f"'{t}'" in text for t in missing):
@@ -302,6 +307,8 @@ def verdict_for(rel: str, phase: int, param, stages=(), force_stand_ins=False) -
         assert needle in text, (needle, text)
         return f"refused: {category}"
     assert expected is None, f"{rel} {PHASE_NAMES[phase]}: expected a refusal ({expected})"
+    net = result.net
+    assert result.text.startswith(f"net '{net.name}'") and "multiply-adds" in result.text
     compare_shapes(net, rel, phase, stand_ins)
     ran = maybe_forward(net)
     return f"built ({ran})"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 from netengine import summary
 from netengine.errors import NetEngineError
@@ -39,18 +40,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass
+class Verdict:
+    """What the tool decides for one net: status 0 with the table, or 1 with the reason."""
+
+    status: int
+    text: str
+    net: object = None
+    error: NetEngineError | None = None
+
+
+def run(model, phase="TEST", input_shapes: dict | None = None, level: int = 0, stages=(),
+        show_splits: bool = False) -> Verdict:
+    """Build ``model`` and tabulate it, as the command line does (tests call this directly)."""
+    phase = summary.PHASES[phase] if isinstance(phase, str) else phase
+    try:
+        net = summary.build(model, phase, input_shapes or None, level=level, stages=stages)
+        table = summary.format_table(summary.summarize(net, show_splits=show_splits))
+    except NetEngineError as err:
+        return Verdict(1, f"summarize: refused: {err}", None, err)
+    return Verdict(0, table, net)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         shapes = dict(summary.parse_shape_spec(s) for s in args.input_shape)
-        net = summary.build(args.model, summary.PHASES[args.phase], shapes or None,
-                            level=args.level, stages=args.stage)
-        table = summary.format_table(summary.summarize(net, show_splits=args.show_splits))
     except NetEngineError as err:
-        print(f"summarize: refused: {err}", file=sys.stderr)
-        return 1
-    print(table)
-    return 0
+        print(f"summarize: {err}", file=sys.stderr)
+        return 2
+    verdict = run(args.model, args.phase, shapes, args.level, args.stage, args.show_splits)
+    print(verdict.text, file=sys.stderr if verdict.status else sys.stdout)
+    return verdict.status
 
 
 if __name__ == "__main__":
