@@ -461,3 +461,22 @@ def test_action_function_snapshot_and_stop(tmp_path):
     solver.solve()
     assert solver.iter == 3 and solver.test_results == [{}]  # the test at 3 was cut short
     assert (tmp_path / "b_iter_3.solverstate").exists()
+
+
+@pytest.mark.parametrize("fmt", ["BINARYPROTO", pytest.param("HDF5", marks=needs_h5py)])
+def test_snapshot_diff_writes_the_gradients(fmt, tmp_path):
+    text = solver_text("SGD") + f'snapshot_diff: true\nsnapshot_format: {fmt}\n'
+    text += f'snapshot_prefix: "{tmp_path / "d"}"\n'
+    solver, _ = tiny_solver(tmp_path, text)
+    solver.step(1)
+    model, _ = solver.snapshot()
+    diffs = [blob.diff for blob in solver.net.params["ip"]]
+    if fmt == "HDF5":
+        with h5py.File(model, "r") as handle:
+            got = [handle[f"diff/ip/{i}"][()] for i in range(2)]
+            assert set(handle["diff"]) == {"x", "y", "ip", "loss"}
+    else:
+        layer = caffe_pb2.NetParameter.FromString(Path(model).read_bytes()).layer[2]
+        got = [np.asarray(blob.diff).reshape(blob.shape.dim) for blob in layer.blobs]
+    for mine, want in zip(got, diffs):
+        np.testing.assert_array_equal(mine, want)
