@@ -117,6 +117,10 @@ STAGED = [("nets/bvlc_caffe*/examples/mnist/mnist_autoencoder.prototxt", TEST,
 RESULTS: dict[str, str] = {}
 
 
+class NotImplementedYet(Exception):
+    """A BVLC layer type the file needs is not registered in netengine yet."""
+
+
 # -- discovery ------------------------------------------------------------------------------------
 def _all_prototxt() -> list[str]:
     if not ACCEPTANCE.exists():
@@ -294,13 +298,19 @@ def verdict_for(rel: str, phase: int, param, stages=(), force_stand_ins=False) -
         text = check_one_line(err, rel)
         missing = missing_bvlc_types(param)
         if missing and any(f"'{t}'" in text for t in missing):
-            pytest.skip(f"layer types not implemented yet: {', '.join(missing)}")
+            reason = f"layer types not implemented yet: {', '.join(missing)}"
+            if not force_stand_ins and set(missing) <= DATA_TYPES:
+                # an unimplemented data reader: the stand-in build still has to work
+                if stand_in_shapes(rel, param, phase):
+                    verdict_for(rel, phase, param, stages, force_stand_ins=True)
+                    reason += " (built with stand-in shapes)"
+            raise NotImplementedYet(reason)
         if expected is None and not force_stand_ins and CATEGORY_PATTERNS["source"].search(text):
             # refused for an absent data source: must then build with stand-in shapes
             shapes = stand_in_shapes(rel, param, phase)
             assert shapes, f"{rel}: no stand-in shapes known for its data layers ({text})"
             verdict_for(rel, phase, param, stages, force_stand_ins=True)
-            return "refused: source (then built with stand-in shapes)"
+            return "refused: source, then built with stand-in shapes"
         assert expected is not None, f"{rel} {PHASE_NAMES[phase]}: unexpectedly refused: {text}"
         category, needle = expected
         assert CATEGORY_PATTERNS[category].search(text), (category, text)
@@ -359,18 +369,19 @@ def _quiet_upgrade_notices():
 @pytest.mark.parametrize("rel", NET_FILES)
 def test_net_file_verdict(rel):
     param = upgraded(rel)
-    outcomes = []
-    try:
-        for phase in phases_of(param):
+    outcomes, skips = [], []
+    for phase in phases_of(param):
+        try:
             outcomes.append(f"{PHASE_NAMES[phase]} {verdict_for(rel, phase, param)}")
-        for pattern, phase, stages in STAGED:
-            if _match(rel, pattern):
-                outcomes.append(f"{PHASE_NAMES[phase]}+{','.join(stages)} "
-                                f"{verdict_for(rel, phase, param, stages, True)}")
-    except pytest.skip.Exception as skip:
-        RESULTS[rel] = f"skipped: {skip.msg}"
-        raise
-    RESULTS[rel] = "; ".join(outcomes)
+        except NotImplementedYet as gap:
+            skips.append(f"{PHASE_NAMES[phase]} skipped: {gap}")
+    for pattern, phase, stages in STAGED:
+        if _match(rel, pattern):
+            outcomes.append(f"{PHASE_NAMES[phase]}+{','.join(stages)} "
+                            f"{verdict_for(rel, phase, param, stages, True)}")
+    RESULTS[rel] = "; ".join(outcomes + skips)
+    if skips:
+        pytest.skip("; ".join(skips))
 
 
 @pytest.mark.parametrize("rel", SOLVER_FILES)
@@ -398,5 +409,5 @@ def test_every_file_has_a_verdict():
           "solvers); verdicts per (net file, phase): "
           + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     for rel, verdict in sorted(RESULTS.items()):
-        if verdict.startswith("skipped"):
+        if "skipped" in verdict:
             print(f"  {rel}: {verdict}")
