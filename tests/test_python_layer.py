@@ -37,6 +37,7 @@ class ScaleLayer(PythonLayerBase):
         top[0].reshape(*bottom[0].shape)
 
     def forward(self, bottom, top):
+        CALLS.append(("forward", type(bottom[0].data), type(self.blobs[0].data)))
         top[0].data[...] = self.k * self.blobs[0].data * bottom[0].data
 
     def backward(self, top, propagate_down, bottom):
@@ -281,3 +282,35 @@ def test_docs_say_it_runs_user_code():
     doc = python_layer.__doc__
     assert "runs the user's code, by design" in doc
     assert "Nothing" in doc and "else in netengine ever executes code" in doc
+
+
+def test_gpu_mode_hands_host_arrays_to_the_user(module_dir, monkeypatch):
+    """On the GPU path (fake_cupy: CuPy's rules on NumPy) the user's code sees NumPy arrays;
+    results, shapes and gradients are copied back to the device."""
+    import fake_cupy
+
+    from netengine import backend
+
+    fcp = fake_cupy.cupy
+    folder, module = module_dir
+    monkeypatch.setattr(backend, "_import_cupy", lambda: fcp)
+    backend.set_mode_gpu()
+    try:
+        net = Net(str(write_net(folder, module)), caffe_pb2.TRAIN)
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        out = net.forward(x=fcp.asarray(x))
+        assert isinstance(out["y"], fcp.ndarray)
+        np.testing.assert_allclose(out["y"].get(), 3 * x)
+        forward_call = [c for c in sys.modules[module].CALLS if c[0] == "forward"][-1]
+        assert forward_call[1:] == (np.ndarray, np.ndarray)
+        weight = net.params["scale"][0]
+        assert isinstance(weight.data, fcp.ndarray)  # add_blob's blob lives on the device
+        net.blobs["y"].diff[...] = 1.0
+        net.clear_param_diffs()
+        net.backward_from_to(len(net.layers) - 1, 0)
+        np.testing.assert_allclose(weight.diff.get(), [3 * x.sum()])
+        np.testing.assert_allclose(net.blobs["x"].diff.get(), np.full((2, 3), 3.0))
+        out = net.forward(x=fcp.ones((4, 3), dtype=np.float32))  # reshape copied back
+        assert out["y"].shape == (4, 3)
+    finally:
+        backend.set_mode_cpu()
