@@ -284,7 +284,8 @@ def test_lenet_40_iterations_gpu_vs_cpu(cp, tmp_path, golden_dir):
     assert pool_bytes[-1] == pool_bytes[5], f"device pool grew: {pool_bytes[5]} -> {pool_bytes[-1]}"
 
 
-def _train_accuracy(tmp_path: Path, gpu: bool, max_iter: int, timeout: int = 300) -> float:
+def _train_command(tmp_path: Path, gpu: bool, max_iter: int) -> list[str]:
+    """tools/train on nets/mnist_solver.prototxt (absolute net path, no snapshots)."""
     solver = (REPO / "nets" / "mnist_solver.prototxt").read_text()
     solver = solver.replace('net: "nets/mnist_train_test.prototxt"',
                             f'net: "{REPO / "nets" / "mnist_train_test.prototxt"}"')
@@ -292,14 +293,30 @@ def _train_accuracy(tmp_path: Path, gpu: bool, max_iter: int, timeout: int = 300
                f'snapshot_prefix: "{tmp_path / "lenet"}"\n')
     path = tmp_path / f"solver_{'gpu' if gpu else 'cpu'}.prototxt"
     path.write_text(solver)
-    cmd = [sys.executable, str(REPO / "tools" / "train"), "--solver", str(path),
-           "--max_iter", str(max_iter)] + (["--gpu", "0"] if gpu else [])
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    found = re.findall(r"Test net output #\d+: accuracy = ([0-9.]+)", proc.stderr)
-    assert found, proc.stderr[-2000:]
-    return float(found[-1])
+    return [sys.executable, str(REPO / "tools" / "train"), "--solver", str(path),
+            "--max_iter", str(max_iter)] + (["--gpu", "0"] if gpu else [])
+
+
+def _train_accuracies(tmp_path: Path, max_iter: int, timeout: int = 300) -> dict[str, float]:
+    """Final test accuracy of tools/train on GPU and on CPU, both runs at the same time."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = {kind: subprocess.Popen(_train_command(tmp_path, kind == "gpu", max_iter), cwd=REPO,
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+             for kind in ("gpu", "cpu")}
+    accuracies = {}
+    for kind, proc in procs.items():
+        try:
+            _, log = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs.values():
+                other.kill()
+            raise
+        assert proc.returncode == 0, f"{kind} run failed:\n{log[-2000:]}"
+        found = re.findall(r"Test net output #\d+: accuracy = ([0-9.]+)", log)
+        assert found, log[-2000:]
+        accuracies[kind] = float(found[-1])
+    return accuracies
 
 
 @pytest.mark.slow
@@ -307,6 +324,6 @@ def test_train_tool_gpu_reaches_cpu_accuracy(cp, tmp_path):
     """tools/train --gpu 0 on nets/mnist_solver.prototxt (500 iterations) = the CPU run."""
     if not (REPO / "data" / "mnist").exists():
         pytest.skip("embedded MNIST data absent")
-    gpu = _train_accuracy(tmp_path, True, 500)
-    cpu = _train_accuracy(tmp_path, False, 500)
+    accuracy = _train_accuracies(tmp_path, 500)
+    gpu, cpu = accuracy["gpu"], accuracy["cpu"]
     assert gpu >= 0.95 and abs(gpu - cpu) <= 0.005, f"GPU accuracy {gpu} vs CPU {cpu}"
