@@ -251,12 +251,15 @@ def _upgrade_v0(param, lines: list, report: _Report) -> list:
 
 
 # -- data transformation --------------------------------------------------------------------------
-def _move_transform_fields(layer, owner_field: str) -> bool:
+def _move_transform_fields(layer, owner_field: str, overwrite: bool = True) -> bool:
+    """Move the deprecated fields; with ``overwrite=False`` a value already set in
+    transform_param wins (the deprecated copy is dropped), as Caffe reads only that one."""
     owner = getattr(layer, owner_field)
     moved = False
     for field in TRANSFORM_FIELDS:
         if owner.HasField(field):
-            setattr(layer.transform_param, field, getattr(owner, field))
+            if overwrite or not layer.transform_param.HasField(field):
+                setattr(layer.transform_param, field, getattr(owner, field))
             owner.ClearField(field)
             moved = True
     return moved
@@ -270,7 +273,7 @@ def _upgrade_data_transform(param, report: _Report) -> None:
                 report.step("data-layer transform fields → transform_param")
     for layer in param.layer:
         owner = _TRANSFORM_OWNERS_V2.get(layer.type)
-        if owner and _move_transform_fields(layer, owner):
+        if owner and _move_transform_fields(layer, owner, overwrite=False):
             report.step("data-layer transform fields → transform_param")
 
 

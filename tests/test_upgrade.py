@@ -252,10 +252,13 @@ def test_v1_data_layer_transform_fields_move_to_transform_param():
 
 def test_v2_image_data_deprecated_fields_also_move():
     param = net_text('layer { name: "d" type: "ImageData" top: "d" top: "l" '
-                     'image_data_param { source: "s" crop_size: 4 } }')
+                     'image_data_param { source: "s" crop_size: 4 scale: 3 } '
+                     'transform_param { scale: 0.5 } }')
     param, _ = quiet(param)
     assert param.layer[0].transform_param.crop_size == 4
+    assert param.layer[0].transform_param.scale == 0.5  # the current field wins
     assert not param.layer[0].image_data_param.HasField("crop_size")
+    assert not param.layer[0].image_data_param.HasField("scale")
 
 
 # -- net input, BatchNorm -------------------------------------------------------------------------
