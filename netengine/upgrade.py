@@ -25,7 +25,8 @@ Solvers: ``solver_type: ADAM`` (enum) → ``type: "Adam"`` (UpgradeSolverType).
 Loading a net logs ONE line (logger ``netengine``, level WARNING) naming the steps applied;
 ``tools/upgrade_net`` and ``tools/upgrade_solver`` write the upgraded text. Deviation from Caffe,
 on purpose: the data-transform step also moves those deprecated fields out of *V2* Data layers
-(Caffe silently ignores them there), and reports it in the same line.
+(Caffe silently ignores them there; a value already set in transform_param wins), and reports
+it in the same line.
 """
 from __future__ import annotations
 
