@@ -31,7 +31,7 @@ from device_agreement import (
 )
 
 import netengine
-from netengine import backend, kernels
+from netengine import backend, kernels, testing
 from netengine.blob import Blob
 from netengine.errors import NetEngineError
 
@@ -221,6 +221,65 @@ def test_lenet_solver_steps_on_fake_gpu(fake_gpu, tmp_path, golden_dir):
     for name in cpu_params:
         for a, b in zip(cpu_params[name], gpu_params[name]):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", ["BINARYPROTO", "HDF5"])
+def test_snapshot_and_restore_on_fake_gpu(fmt, fake_gpu, tmp_path, golden_dir):
+    """Snapshots copy device weights and history to the host; restore copies them back."""
+    solver_module = pytest.importorskip("netengine.solver")
+    if fmt == "HDF5":
+        pytest.importorskip("h5py")
+    text = (golden_dir / "tiny_solver_sgd.prototxt").read_text().replace(
+        'net: "tiny_net.prototxt"', f'net: "{golden_dir / "tiny_net.prototxt"}"').replace(
+        'snapshot_prefix: "tiny_sgd"', f'snapshot_prefix: "{tmp_path / "tiny"}"')
+    path = tmp_path / "solver.prototxt"
+    path.write_text(text + f"\nsnapshot_format: {fmt}\n")
+    rng = np.random.default_rng(0)
+    backend.set_mode_gpu()
+    solver = solver_module.get_solver(str(path))
+    solver.net.blobs["x"].data[...] = rng.normal(size=(4, 3))
+    solver.net.blobs["y"].data[...] = rng.normal(size=(4, 2))
+    solver.step(2)
+    _, state = solver.snapshot()
+    again = solver_module.get_solver(str(path))
+    again.restore(state)
+    assert again.iter == 2
+    for a, b in zip(solver.net.learnable_params, again.net.learnable_params):
+        assert isinstance(b.data, fcp.ndarray)
+        np.testing.assert_array_equal(a.host_data(), b.host_data())
+    for a, b in zip(solver.history, again.history):
+        np.testing.assert_array_equal(a.host_data(), b.host_data())
+
+
+def test_data_layers_feed_the_device(fake_gpu, monkeypatch):
+    """Data (IDX files, prefetch thread) and MemoryData fill device blobs: LeNet's TEST net
+    gives the same outputs in GPU mode as in CPU mode."""
+    if not (REPO / "data" / "mnist").exists():
+        pytest.skip("embedded MNIST data absent")
+    monkeypatch.chdir(REPO)
+    outputs = []
+    for device in (False, True):
+        if device:
+            backend.set_mode_gpu()
+        backend.set_random_seed(1701)
+        net = netengine.Net(str(REPO / "nets" / "mnist_train_test.prototxt"), netengine.TEST)
+        net.forward()
+        outputs.append({name: net.blobs[name].host_data() for name in net.outputs})
+        assert isinstance(net.blobs["data"].data, fcp.ndarray if device else np.ndarray)
+        for layer in net.layers:
+            getattr(layer, "close", lambda: None)()
+        backend.set_mode_cpu()
+    assert_agree(outputs[0], outputs[1], "LeNet TEST net")
+    backend.set_mode_gpu()
+    layer = testing.make_layer('type: "MemoryData" memory_data_param { batch_size: 2 '
+                               'channels: 1 height: 2 width: 2 }')
+    tops = [Blob(()), Blob(())]
+    layer.setup([], tops)
+    layer.reset(np.arange(24, dtype=np.float32).reshape(6, 1, 2, 2), np.arange(6.0))
+    layer.forward([], tops)
+    layer.forward([], tops)
+    assert isinstance(tops[0].data, fcp.ndarray)
+    assert tops[1].host_data().tolist() == [2.0, 3.0]
 
 
 # -- static audit --------------------------------------------------------------------------------
