@@ -408,6 +408,11 @@ def test_every_file_has_a_verdict():
     print(f"\nacceptance: {len(ALL_FILES)} files ({len(NET_FILES)} nets, {len(SOLVER_FILES)} "
           "solvers); verdicts per (net file, phase): "
           + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    runs = collections.Counter(
+        "forward" if "(forward" in part else "shapes only" for verdict in RESULTS.values()
+        for part in verdict.split("; ") if "built (" in part)
+    print(f"  direct builds: {runs['forward']} with a forward pass (same-net repeats counted), "
+          f"{runs['shapes only']} shape inference only (over {FORWARD_MACS:.2g} multiply-adds)")
     for rel, verdict in sorted(RESULTS.items()):
         if "skipped" in verdict:
             print(f"  {rel}: {verdict}")
