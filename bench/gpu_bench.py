@@ -6,11 +6,12 @@
 Measures, each side by side with PyTorch where it applies:
   1. LeNet training images/s at batch 64 and 256 (SGD step on fixed synthetic data);
      netengine's per-layer forward/backward ms at batch 64.
-  2. GoogLeNet (BVLC deploy) and ResNet-50 (Kaiming He's deploy) forward+backward ms at
-     batch 32, random weights; PyTorch mirrors the net layer by layer with the same weights and
-     the outputs are compared.
-  3. The 10,000-iteration MNIST run: ``tools/train --solver nets/mnist_solver.prototxt
-     --gpu 0`` wall time and final test accuracy (PyTorch: the same LeNet, data and schedule).
+  2. The 10,000-iteration MNIST run: ``tools/train --solver nets/mnist_solver.prototxt
+     --gpu 0`` wall time and final test accuracy (PyTorch: the same LeNet, data and schedule);
+     it leaves ``--reserve`` seconds for part 3 and is extrapolated when cut short.
+  3. GoogLeNet (BVLC deploy) and ResNet-50 (Kaiming He's deploy) forward+backward ms at
+     batch 32, random weights (BatchNorm statistics taken from the batch); PyTorch mirrors the
+     net layer by layer with the same weights and the outputs are compared.
   4. GPU memory peak of every netengine run (CuPy pool) and of PyTorch's allocator.
 
 Writes OUTDIR/gpu_bench.json and OUTDIR/gpu_bench.txt (the table also goes to stdout). Each
@@ -386,7 +387,8 @@ def _mnist_solver(tmp: Path, max_iter: int) -> Path:
 def bench_mnist_run(args, out: dict, budget: Budget, torch) -> None:
     row: dict = {"max_iter": args.mnist_iters}
     out["mnist_10k_run"] = row
-    limit = budget.left() - (25 if torch is not None else 5)
+    # Leave time for what follows (PyTorch's run, then the big nets).
+    limit = budget.left() - args.reserve - (25 if torch is not None else 0)
     if limit < 30:
         row["skipped"] = "time budget spent"
         return
@@ -413,11 +415,12 @@ def bench_mnist_run(args, out: dict, budget: Budget, torch) -> None:
                final_accuracy=float(accuracy[-1]) if accuracy else None)
     if not finished and iters and max(iters) > 0:
         row["extrapolated_wall_s"] = round(wall * args.mnist_iters / max(iters), 1)
-    if torch is not None and budget.left() > 20:
-        row["torch"] = _torch_mnist_run(torch, args.mnist_iters, budget.left() - 5)
+    if torch is not None and budget.left() - args.reserve > 10:
+        row["torch"] = _torch_mnist_run(torch, args.mnist_iters,
+                                        min(25.0, budget.left() - args.reserve))
 
 
-def _torch_mnist_run(torch, max_iter: int, limit: float) -> dict:
+def _torch_mnist_run(torch, max_iter: int, limit: float, device: str = "cuda") -> dict:
     """The same LeNet schedule in PyTorch eager: lr inv policy, momentum 0.9, wd 5e-4, batch 64
     from the embedded 8,000 training digits, 20×100 test digits every 500 iterations."""
     import torch.nn.functional as F
@@ -427,8 +430,8 @@ def _torch_mnist_run(torch, max_iter: int, limit: float) -> dict:
     def load(stem: str):
         images = datasets.read_idx(str(REPO / "data" / "mnist" / f"{stem}-images-idx3-ubyte.gz"))
         labels = datasets.read_idx(str(REPO / "data" / "mnist" / f"{stem}-labels-idx1-ubyte.gz"))
-        x = torch.as_tensor(np.asarray(images, np.float32)[:, None] * 0.00390625, device="cuda")
-        return x, torch.as_tensor(np.asarray(labels, np.int64), device="cuda")
+        x = torch.as_tensor(np.asarray(images, np.float32)[:, None] * 0.00390625, device=device)
+        return x, torch.as_tensor(np.asarray(labels, np.int64), device=device)
 
     try:
         train_x, train_y = load("train")
@@ -440,11 +443,12 @@ def _torch_mnist_run(torch, max_iter: int, limit: float) -> dict:
         torch.nn.Conv2d(1, 20, 5), torch.nn.MaxPool2d(2, 2, ceil_mode=True),
         torch.nn.Conv2d(20, 50, 5), torch.nn.MaxPool2d(2, 2, ceil_mode=True),
         torch.nn.Flatten(), torch.nn.Linear(800, 500), torch.nn.ReLU(),
-        torch.nn.Linear(500, 10)).cuda()
+        torch.nn.Linear(500, 10)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1 + 1e-4 * it) ** -0.75)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n, accuracy = train_x.shape[0], None
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for it in range(max_iter):
         lo = (it * 64) % n
@@ -460,7 +464,7 @@ def _torch_mnist_run(torch, max_iter: int, limit: float) -> dict:
             accuracy = hits / 2000
             if time.perf_counter() - start > limit:
                 return {"timed_out_at_iteration": it + 1, "accuracy": accuracy}
-    torch.cuda.synchronize()
+    sync()
     return {"wall_s": round(time.perf_counter() - start, 2), "final_accuracy": accuracy}
 
 
@@ -527,8 +531,10 @@ def main(argv=None) -> int:
     parser.add_argument("--big-iters", type=int, default=3)
     parser.add_argument("--mnist-iters", type=int, default=10000)
     parser.add_argument("--quick", action="store_true", help="few iterations (a smoke run)")
-    parser.add_argument("--parts", default="lenet,big,mnist",
-                        help="comma-separated parts to run: lenet, big, mnist")
+    parser.add_argument("--parts", default="lenet,mnist,big",
+                        help="comma-separated parts to run, in order: lenet, mnist, big")
+    parser.add_argument("--reserve", type=float, default=60.0,
+                        help="seconds the MNIST run leaves for the parts after it")
     args = parser.parse_args(argv)
     if args.quick:
         args.iters, args.repeats, args.big_iters, args.mnist_iters = 10, 1, 1, 200
