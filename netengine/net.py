@@ -7,6 +7,7 @@ The Net never branches on a layer's type; what differs lives in the layer classe
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -19,6 +20,8 @@ from netengine.errors import LayerError, NetEngineError
 from netengine.io import SourceMap, read_binary_proto, read_text_proto
 from netengine.layers import Layer, create_layer
 from netengine.proto import caffe_pb2
+
+log = logging.getLogger("netengine")
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -605,6 +608,9 @@ class Net:
                 continue
             self._copy_layer_blobs(target, source_layer, where)
         self.ignored_layers = ignored
+        if ignored:
+            log.info("copy_from %s: ignoring source layer(s) this net does not have: %s",
+                     where or "NetParameter", ", ".join(ignored))
         return ignored
 
     def _copy_layer_blobs(self, target: Layer, source_layer, where) -> None:
