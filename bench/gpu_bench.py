@@ -50,6 +50,10 @@ import netengine  # noqa: E402
 from netengine import backend  # noqa: E402
 
 START = time.perf_counter()
+# The same 10,000-iteration run on CPU (netengine on NumPy, tools/train without --gpu, seed
+# 1701), measured once on a 2-core development machine: the accuracy the GPU run should reach.
+CPU_MNIST_REFERENCE = {"final_accuracy": 0.979, "wall_s": 1622.6,
+                       "where": "netengine CPU (NumPy), 2-core development machine"}
 
 
 class Budget:
@@ -386,6 +390,8 @@ def _mnist_solver(tmp: Path, max_iter: int) -> Path:
 
 def bench_mnist_run(args, out: dict, budget: Budget, torch) -> None:
     row: dict = {"max_iter": args.mnist_iters}
+    if args.mnist_iters == 10000:
+        row["cpu_reference"] = CPU_MNIST_REFERENCE
     out["mnist_10k_run"] = row
     # Leave time for what follows (PyTorch's run, then the big nets).
     limit = budget.left() - args.reserve - (25 if torch is not None else 0)
@@ -510,6 +516,8 @@ def report(out: dict) -> str:
                      f"accuracy {row.get('final_accuracy')}"
                      + (f", extrapolated {row['extrapolated_wall_s']} s"
                         if "extrapolated_wall_s" in row else "")
+                     + (f"; CPU reference accuracy {row['cpu_reference']['final_accuracy']}"
+                        if "cpu_reference" in row else "")
                      + (f"; PyTorch {row['torch']}" if "torch" in row else ""))
     if out.get("lenet_layers_ms_batch64"):
         lines.append("netengine LeNet per layer, batch 64 (ms): forward backward")
