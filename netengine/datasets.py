@@ -364,17 +364,45 @@ class IDXSource(ArraySource):
         self.labels_path = labels_path
 
 
+_LMDB_ENVS: dict[str, list] = {}  # realpath -> [environment, number of users]
+_LMDB_LOCK = threading.Lock()
+
+
+def _shared_lmdb_env(lmdb, path):
+    """One read-only environment per database and process: LMDB refuses to open one twice,
+    and a train net and a test net (or two test nets) may read the same database."""
+    key = os.path.realpath(path)
+    with _LMDB_LOCK:
+        entry = _LMDB_ENVS.get(key)
+        if entry is None:
+            try:
+                env = lmdb.open(str(path), readonly=True, lock=False, readahead=False,
+                                subdir=Path(path).is_dir(), max_readers=256)
+            except lmdb.Error as err:
+                raise NetEngineError(f"cannot open LMDB {path}: {err}") from None
+            entry = _LMDB_ENVS[key] = [env, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_lmdb_env(env) -> None:
+    with _LMDB_LOCK:
+        for key, entry in list(_LMDB_ENVS.items()):
+            if entry[0] is env:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _LMDB_ENVS[key]
+                    env.close()
+                return
+
+
 class LMDBSource:
     """Caffe's LMDB of Datum records, served by index in key order (thread-safe reads)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         lmdb = import_lmdb()
         self.name = str(path)
-        try:
-            self.env = lmdb.open(str(path), readonly=True, lock=False, readahead=False,
-                                 subdir=Path(path).is_dir(), max_readers=256)
-        except lmdb.Error as err:
-            raise NetEngineError(f"cannot open LMDB {path}: {err}") from None
+        self.env = _shared_lmdb_env(lmdb, path)
         with self.env.begin() as txn:
             self.keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
             if not self.keys:
@@ -409,7 +437,9 @@ class LMDBSource:
         return np.stack(images), np.asarray(labels)
 
     def close(self) -> None:
-        self.env.close()
+        if self.env is not None:
+            _release_lmdb_env(self.env)
+            self.env = None
 
 
 # -- transform_param ------------------------------------------------------------------------------

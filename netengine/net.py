@@ -169,12 +169,10 @@ def proto_shape_matches(blob: Blob, proto) -> bool:
 
 
 def blob_to_proto(blob: Blob, write_diff: bool = False):
-    proto = caffe_pb2.BlobProto()
-    proto.shape.dim.extend(blob.shape)
-    proto.data.extend(backend.to_host(blob.data).astype(np.float32).ravel().tolist())
-    if write_diff:
-        proto.diff.extend(backend.to_host(blob.diff).astype(np.float32).ravel().tolist())
-    return proto
+    """The blob as a BlobProto, byte-compatible with Caffe's Blob::ToProto."""
+    from netengine.snapshot import blob_proto
+
+    return blob_proto(blob.data, blob.shape, blob.diff if write_diff else None)
 
 
 # -- the Net ------------------------------------------------------------------------------------
@@ -477,6 +475,11 @@ class Net:
         return OrderedDict(zip(self._layer_names, self.bottom_ids))
 
     @property
+    def param_layer_indices(self) -> list[tuple[int, int]]:
+        """(layer index, blob index) of every param, in net order (Caffe's param ids)."""
+        return list(self._param_layer_indices)
+
+    @property
     def blob_need_backward(self) -> dict[str, bool]:
         return dict(self._blob_need_backward)
 
@@ -595,9 +598,9 @@ class Net:
         else:
             where = str(source)
             if where.endswith(".h5"):
-                from netengine import hdf5
+                from netengine import snapshot
 
-                return hdf5.load_weights(self, where)
+                return snapshot.load_weights_hdf5(self, where)
             param = read_binary_proto(where, caffe_pb2.NetParameter())
         by_name = self.layer_dict
         ignored = []

@@ -131,7 +131,7 @@ def write_model(net, path: str | os.PathLike, write_diff: bool = False) -> None:
 def write_model_hdf5(net, path: str | os.PathLike, write_diff: bool = False) -> None:
     """Write the net's weights in Caffe's HDF5 layout (Net::ToHDF5), atomically."""
     owners = net.param_owners
-    ids = {pair: i for i, pair in enumerate(net._param_layer_indices)}
+    ids = {pair: i for i, pair in enumerate(net.param_layer_indices)}
 
     def fill(handle) -> None:
         data = handle.create_group("data")
@@ -167,7 +167,7 @@ def load_weights_hdf5(net, path: str | os.PathLike) -> list[str]:
     """Copy weights from a ``.caffemodel.h5`` (Caffe's CopyTrainedLayersFromHDF5)."""
     h5py = _h5py()
     owners = net.param_owners
-    ids = {pair: i for i, pair in enumerate(net._param_layer_indices)}
+    ids = {pair: i for i, pair in enumerate(net.param_layer_indices)}
     by_name = {layer.name: (i, layer) for i, layer in enumerate(net.layers)}
     ignored = []
     try:
