@@ -163,7 +163,8 @@ class Convolution(_ConvBase):
         for blob in top:
             blob.reshape(lead + (self.num_output, *self.out_spatial))
         self.gemm.configure(bottom[0].xp, bottom[0].dtype, self.num, self.channels,
-                            self.in_spatial, self.num_output, self.out_spatial)
+                            self.in_spatial, self.num_output, self.out_spatial,
+                            bias=self.bias_term)
 
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         w = self.blobs[0].data
@@ -177,10 +178,13 @@ class Convolution(_ConvBase):
         w = self.blobs[0]
         need_w = self.param_propagate_down[0]
         need_b = self.bias_term and self.param_propagate_down[1]
+        # The weight-gradient GEMM also yields the bias gradient when the columns carry the
+        # bias row of ones (ConvGemm.bias_row); otherwise it is Σ dy here.
+        fused_b = need_b and need_w and self.gemm.bias_row
         # Last bottom first: its columns may still be in the buffer from forward.
         for i in reversed(range(len(top))):
             dy = self._view(top[i].diff, self.num_output, self.out_spatial)
-            if need_b:
+            if need_b and not fused_b:
                 self.blobs[1].diff[...] += dy.reshape(self.num, self.num_output, -1) \
                     .sum(axis=2).sum(axis=0)
             if not (need_w or propagate_down[i]):
@@ -189,7 +193,7 @@ class Convolution(_ConvBase):
                 if propagate_down[i] else None
             self.gemm.conv_backward(self._view(bottom[i].data, self.channels, self.in_spatial),
                                     dy, w.data, dx=dx, dw=w.diff if need_w else None,
-                                    owner=i)
+                                    owner=i, db=self.blobs[1].diff if fused_b else None)
 
 
 @register

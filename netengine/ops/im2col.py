@@ -16,6 +16,9 @@ order). The whole chunk is built at once, in one of two layouts chosen per shape
 - col2im is a loop over the K kernel offsets only; each step is one vectorised add.
 - Work buffers live in :class:`ConvGemm` and are reallocated only when the shapes change.
 - 1x1 kernels with stride 1 and pad 0 skip im2col/col2im: the input is its own column matrix.
+- With a bias (and one group, columns built), the columns carry one extra row of ones and the
+  weights one extra column holding the bias: the forward GEMM adds the bias and the weight
+  gradient GEMM yields the bias gradient (Σ dy) as its last column, with no separate pass.
 - Batches whose buffers would exceed ``COL_BUDGET`` elements are processed in chunks of items.
 
 Everything is written against the array module ``xp`` (NumPy or CuPy).
@@ -99,12 +102,14 @@ class ConvGemm:
         self._bufs: dict = {}
         self.cols_owner = None  # what the column buffer currently holds (for reuse in backward)
         self._pad_state = None  # (items, layout) the zero-bordered input buffer is ready for
+        self._ones_state = None  # column shape whose bias row of ones is in place
 
     # -- geometry and buffers ----------------------------------------------------------------
     def configure(self, xp, dtype, num: int, c_x: int, x_shape, c_y: int, y_shape,
-                  item_minor: bool | None = None) -> None:
-        """Set the shapes (cheap when unchanged). ``item_minor`` None: pick the layout."""
-        key = (xp, dtype, num, c_x, tuple(x_shape), c_y, tuple(y_shape), item_minor)
+                  item_minor: bool | None = None, bias: bool = False) -> None:
+        """Set the shapes (cheap when unchanged). ``item_minor`` None: pick the layout.
+        ``bias``: :meth:`conv` will get a bias (folded into the GEMM where it can be)."""
+        key = (xp, dtype, num, c_x, tuple(x_shape), c_y, tuple(y_shape), item_minor, bias)
         if key == self._key:
             return
         self._key = key
@@ -122,9 +127,12 @@ class ConvGemm:
             item_minor = (not self.is_1x1 and self.chunk >= ITEM_MINOR_MIN_ITEMS
                           and self.y_shape[-1] < ITEM_MINOR_MAX_WIDTH)
         self.item_minor = item_minor
+        # The bias rides in the GEMM as a row of ones under the columns (one group only).
+        self.bias_row = bool(bias) and self.group == 1 and not self.is_1x1
         self._bufs = {}
         self.cols_owner = None
         self._pad_state = None
+        self._ones_state = None
 
     def chunks(self):
         """Slices of the batch processed together (one, unless the buffers would be huge)."""
@@ -140,12 +148,27 @@ class ConvGemm:
         if buf is None or buf.size < size:
             buf = self.xp.empty(size, dtype=self.dtype)
             self._bufs[name] = buf
+            if name == "cols":
+                self._ones_state = None
         return buf[:size].reshape(shape)
 
-    def _cols_shape(self, n: int) -> tuple:
+    def _cols_shape(self, n: int, rows: int | None = None) -> tuple:
+        rows = self.k_rows if rows is None else rows
         if self.item_minor:
-            return (self.k_rows, self.p_size * n)
-        return (n, self.k_rows, self.p_size)
+            return (rows, self.p_size * n)
+        return (n, rows, self.p_size)
+
+    def _bias_cols(self, n: int):
+        """The column buffer with its extra row of ones: (n, C·K + 1, P) or (C·K + 1, P·n)."""
+        shape = self._cols_shape(n, self.k_rows + 1)
+        cols = self._buffer("cols", shape)
+        if self._ones_state != shape:
+            if self.item_minor:
+                cols[self.k_rows] = 1
+            else:
+                cols[:, self.k_rows] = 1
+            self._ones_state = shape
+        return cols
 
     def _image_buffer(self, n: int, padded: bool):
         """An x-side work array of n items in the current layout ((n, C, *S) or (C, *S, n),
@@ -175,14 +198,21 @@ class ConvGemm:
     # -- im2col / col2im (one chunk) ---------------------------------------------------------
     def im2col(self, x, owner=None, out=None):
         """Columns of x (n, C_x, *S_x): (n, C_x·K, P) or, item-minor, (C_x·K, P·n). Written
-        into ``out`` when given, else into the shared column buffer (1x1: x itself)."""
+        into ``out`` when given, else into the shared column buffer (1x1: x itself); with
+        ``bias_row`` the shared buffer has one more row, of ones, below the columns."""
         n = x.shape[0]
         if self.is_1x1 and out is None:
             return x.reshape(self._cols_shape(n))
-        cols = self._buffer("cols", self._cols_shape(n)) if out is None else out
+        if out is not None:
+            cols = target = out
+        elif self.bias_row:
+            cols = self._bias_cols(n)
+            target = cols[:self.k_rows] if self.item_minor else cols[:, :self.k_rows]
+        else:
+            cols = target = self._buffer("cols", self._cols_shape(n))
         view = window_view(self.xp, self._layout_input(x), self.kernel, self.stride,
                            self.dilation, self.y_shape, self.item_minor)
-        self.xp.copyto(cols.reshape(view.shape), view)
+        self.xp.copyto(target.reshape(view.shape), view)
         self.cols_owner = owner
         return cols
 
@@ -211,9 +241,12 @@ class ConvGemm:
         g = self.group
         return w.reshape(g, self.c_y // g, -1)
 
-    def _y_columns(self, yt, n: int):
-        """An item-minor (C_y, P·n) matrix seen as (n, C_y, P)."""
-        return yt.reshape(self.c_y, self.p_size, n).transpose(2, 0, 1)
+    def _w_bias(self, w, bias):
+        """[W | b]: (C_y, C_x·K + 1), the weights beside the bias (``bias_row`` GEMMs)."""
+        wb = self._buffer("wbias", (self.c_y, self.k_rows + 1))
+        self.xp.copyto(wb[:, :self.k_rows], w.reshape(self.c_y, self.k_rows))
+        self.xp.copyto(wb[:, self.k_rows], bias)
+        return wb
 
     def y_operand(self, y):
         """y (n, C_y, *S_y) as the products need it: itself, or item-minor (C_y, P·n)."""
@@ -221,23 +254,34 @@ class ConvGemm:
         if not self.item_minor:
             return y.reshape(n, self.c_y, self.p_size)
         yt = self._buffer("yt", (self.c_y, self.p_size * n))
-        self.xp.copyto(self._y_columns(yt, n), y.reshape(n, self.c_y, self.p_size))
+        self.xp.copyto(yt.reshape(self.c_y, self.p_size, n),
+                       y.reshape(n, self.c_y, self.p_size).transpose(1, 2, 0))
         return yt
 
     def y_from_cols(self, cols, w, y, bias=None) -> None:
-        """y (n, C_y, *S_y) = W · cols (+ bias)."""
+        """y (n, C_y, *S_y) = W · cols (+ bias; folded in when ``cols`` has the ones row)."""
         xp, g, n = self.xp, self.group, y.shape[0]
+        fold = bias is not None and self.bias_row and cols.shape[-2 if not self.item_minor
+                                                              else 0] == self.k_rows + 1
         if not self.item_minor:
+            y3 = y.reshape(n, self.c_y, self.p_size)
+            if fold:
+                xp.matmul(self._w_bias(w, bias), cols, out=y3)
+                return
             y4 = y.reshape(n, g, self.c_y // g, self.p_size)
             xp.matmul(self._w3(w), cols.reshape(n, g, -1, self.p_size), out=y4)
             if bias is not None:
                 y4 += bias.reshape(g, self.c_y // g, 1)
             return
-        prod = self._buffer("yt", (self.c_y, self.p_size * n))
-        xp.matmul(self._w3(w), cols.reshape(g, -1, self.p_size * n),
-                  out=prod.reshape(g, self.c_y // g, -1))
-        src, dst = self._y_columns(prod, n), y.reshape(n, self.c_y, self.p_size)
-        if bias is None:
+        prod = self._buffer("prod", (self.c_y, self.p_size * n))
+        if fold:
+            xp.matmul(self._w_bias(w, bias), cols, out=prod)
+        else:
+            xp.matmul(self._w3(w), cols.reshape(g, -1, self.p_size * n),
+                      out=prod.reshape(g, self.c_y // g, -1))
+        src = prod.reshape(self.c_y, self.p_size, n).transpose(2, 0, 1)
+        dst = y.reshape(n, self.c_y, self.p_size)
+        if bias is None or fold:
             xp.copyto(dst, src)
         else:
             xp.add(src, bias.reshape(self.c_y, 1), out=dst)
@@ -252,31 +296,44 @@ class ConvGemm:
             return
         cols = self._buffer("cols", self._cols_shape(n))
         self.cols_owner = None
+        self._ones_state = None
         if self.item_minor:
-            xp.matmul(wt, yop.reshape(g, self.c_y // g, -1), out=cols.reshape(g, -1, n *
-                                                                              self.p_size))
+            xp.matmul(wt, yop.reshape(g, self.c_y // g, -1),
+                      out=cols.reshape(g, -1, n * self.p_size))
         else:
             xp.matmul(wt, yop.reshape(n, g, self.c_y // g, self.p_size),
                       out=cols.reshape(n, g, -1, self.p_size))
         self.col2im(cols, dx)
 
-    def weight_grad(self, cols, yop, dw) -> None:
-        """dw += Σ_items y · colsᵀ per group."""
-        g, mg = self.group, self.c_y // self.group
-        if self.item_minor:  # one GEMM, as (cols · ytᵀ)ᵀ (the faster BLAS shape)
-            grad = self.xp.matmul(cols.reshape(g, -1, cols.shape[-1]),
-                                  yop.reshape(g, mg, -1).transpose(0, 2, 1)).transpose(0, 2, 1)
+    def weight_grad(self, cols, yop, dw, db=None) -> None:
+        """dw += Σ_items y · colsᵀ per group; with ``db`` (``cols`` carrying the ones row)
+        also db += Σ y, read off the same product."""
+        xp, g, mg = self.xp, self.group, self.c_y // self.group
+        rows = self.k_rows + (db is not None)
+        if self.item_minor:  # one GEMM per group, as (cols · ytᵀ)ᵀ (the faster BLAS shape)
+            grad = self._buffer("wgrad", (g, rows // g if db is None else rows, mg))
+            xp.matmul(cols[:rows].reshape(g, -1, cols.shape[-1]),
+                      yop.reshape(g, mg, -1).transpose(0, 2, 1), out=grad)
+            grad = grad.transpose(0, 2, 1)  # (g, mg, rows/g)
         else:  # one GEMM per item (no transposed copies), then the sum over items
             n = yop.shape[0]
-            grad = self.xp.matmul(yop.reshape(n, g, mg, self.p_size),
-                                  cols.reshape(n, g, -1, self.p_size).transpose(0, 1, 3, 2))
-            grad = grad.sum(axis=0)
-        dw.reshape(g, mg, -1)[...] += grad
+            per_item = self._buffer("wgrad_items", (n, g, mg, rows // g if db is None else rows))
+            xp.matmul(yop.reshape(n, g, mg, self.p_size),
+                      cols[:, :rows].reshape(n, g, -1, self.p_size).transpose(0, 1, 3, 2),
+                      out=per_item)
+            grad = self._buffer("wgrad", per_item.shape[1:])
+            per_item.sum(axis=0, out=grad)
+        if db is None:
+            dw.reshape(g, mg, -1)[...] += grad
+        else:
+            dw.reshape(self.c_y, -1)[...] += grad[0, :, :self.k_rows]
+            db += grad[0, :, self.k_rows]
 
     # -- whole-batch operations --------------------------------------------------------------
     def _cached_cols(self, owner):
         if owner is not None and self.cols_owner == owner and self.single_chunk:
-            return self._buffer("cols", self._cols_shape(self.num))
+            rows = self.k_rows + self.bias_row
+            return self._buffer("cols", self._cols_shape(self.num, rows))
         return None
 
     def conv(self, x, w, y, bias=None, owner=None) -> None:
@@ -285,15 +342,18 @@ class ConvGemm:
             cols = self.im2col(x[part], owner if self.single_chunk else None)
             self.y_from_cols(cols, w, y[part], bias)
 
-    def conv_backward(self, x, dy, w, dx=None, dw=None, owner=None) -> None:
-        """dw += ∂/∂W and dx = ∂/∂x (each only when given) for y = W ⋆ x."""
+    def conv_backward(self, x, dy, w, dx=None, dw=None, owner=None, db=None) -> None:
+        """dw += ∂/∂W and dx = ∂/∂x (each only when given) for y = W ⋆ x; ``db`` (only with
+        ``bias_row`` and ``dw``) += ∂/∂b from the same GEMM."""
+        if db is not None and not (self.bias_row and dw is not None):
+            raise ValueError("db is computed with dw, and only for a bias_row configuration")
         for part in self.chunks():
             yop = self.y_operand(dy[part])
             if dw is not None:
                 cols = self._cached_cols(owner)
                 if cols is None:
                     cols = self.im2col(x[part])
-                self.weight_grad(cols, yop, dw)
+                self.weight_grad(cols, yop, dw, db)
             if dx is not None:
                 self.x_from_y(yop, w, dx[part])
 

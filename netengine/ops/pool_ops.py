@@ -6,6 +6,12 @@ laid out Caffe's way: window (ph, pw) starts at (ph·s_h − p_h, pw·s_w − p_
 and may hang over the image on the far side (ceil rounding). The input is copied into a border
 buffer only when a window leaves the image; the border holds the pooling's neutral value
 (−inf for MAX, 0 for sums), so clipped windows need no special case.
+
+Windows that tile the input exactly (stride = kernel, no padding, no overhang: LeNet's 2x2/2)
+take a faster route for MAX: one transposing copy splits the input into kh·kw contiguous
+planes (every later step is a contiguous vector op, where a strided view costs ~10x more per
+element), and backward scatters dy onto the chosen cells by flat index (one zero-fill and one
+scatter instead of kh·kw strided writes).
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import math
 import numpy as np
 
 FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's MAX init, whatever the dtype
+# Tiled MAX pooling works through the batch in item ranges of about this many input bytes.
+TILE_CHUNK_BYTES = 1 << 19
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool,
@@ -90,6 +98,28 @@ class Pool2d:
     def index_dtype(self):
         return self.xp.int8 if self.kh * self.kw < 127 else self.xp.int32
 
+    def tile_chunks(self):
+        """Tiles only: slices of the batch sized so that one item range's input, planes and
+        outputs stay in the L2 cache (the ops then run from cache, not memory)."""
+        n, c, height, width = self.shape
+        per_item = c * height * width * np.dtype(self.dtype).itemsize
+        step = max(1, min(n, TILE_CHUNK_BYTES // max(per_item, 1)))
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def tile_planes(self, x):
+        """Tiles only: x (a chunk of items) split into its kh·kw window planes,
+        (kh·kw, n, C, oh, ow), in one transposing copy."""
+        n, c = x.shape[:2]
+        oh, ow = self.out_shape
+        size = self.kh * self.kw * n * c * oh * ow
+        buf = self._bufs.get("planes")
+        if buf is None or buf.size < size:
+            buf = self._bufs["planes"] = self.xp.empty(size, dtype=self.dtype)
+        planes = buf[:size].reshape(self.kh * self.kw, n, c, oh, ow)
+        src = x.reshape(n, c, oh, self.kh, ow, self.kw).transpose(3, 5, 0, 1, 2, 4)
+        self.xp.copyto(planes.reshape(self.kh, self.kw, n, c, oh, ow), src)
+        return planes
+
     def max_forward(self, x, y, choice) -> None:
         """y = max over each window; choice = 1 + the kernel offset number of the first maximum.
 
@@ -98,17 +128,34 @@ class Pool2d:
         any value above −FLT_MAX (e.g. one lying wholly past the image) gives −FLT_MAX.
         Since later offsets have larger numbers, ``choice = max(choice, (k+1)·taken)``.
         """
+        if self.tiles:
+            for part in self.tile_chunks():
+                planes = self.tile_planes(x[part])
+                self._max_scan(planes.__getitem__, y[part], choice[part])
+            return
         xp = self.xp
         src = self.source(x, -np.inf)
+        view = self._buffer("view", self.shape[:2] + self.out_shape)
+
+        def values(k):  # one strided read, then contiguous ops
+            xp.copyto(view, self.window(src, self.offsets[k]))
+            return view
+        self._max_scan(values, y, choice)
+
+    def _max_scan(self, values, y, choice) -> None:
+        """The strictly-greater scan over the window values ``values(k)`` (contiguous)."""
+        xp = self.xp
         mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
         marks = self._buffer("marks", self.shape[:2] + self.out_shape, dtype=choice.dtype)
-        view = self._buffer("view", self.shape[:2] + self.out_shape)
-        y[...] = -FLT_MAX
-        choice[...] = 0
-        for k, offset in enumerate(self.offsets):
-            xp.copyto(view, self.window(src, offset))  # one strided read, then contiguous ops
-            xp.greater(view, y, out=mask)
-            xp.fmax(y, view, out=y)  # fmax: NaN never replaces y
+        mask, marks = mask[:y.shape[0]], marks[:y.shape[0]]
+        first = values(0)
+        xp.fmax(first, -FLT_MAX, out=y)  # fmax: NaN and -inf give -FLT_MAX, the start value
+        xp.greater(first, -FLT_MAX, out=mask)
+        xp.copyto(choice, mask)
+        for k in range(1, len(self.offsets)):
+            v = values(k)
+            xp.greater(v, y, out=mask)
+            xp.fmax(y, v, out=y)  # fmax: NaN never replaces y
             xp.multiply(mask, choice.dtype.type(k + 1), out=marks)
             xp.maximum(choice, marks, out=choice)
 
@@ -164,6 +211,12 @@ class Pool2d:
     def route_backward(self, dy, choice, dx) -> None:
         """dx = dy routed to the chosen kernel offsets (MAX, STOCHASTIC); overwrites dx."""
         xp = self.xp
+        if self.tiles and dx.flags.c_contiguous and bool(choice.all()):
+            for part in self.tile_chunks():  # scatter by flat index, one chunk at a time
+                target = dx[part].reshape(-1)
+                target[...] = 0
+                target[self._tile_index(choice[part])] = dy[part].reshape(-1)
+            return
         acc = self._grad_target(dx)
         mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
         if not self.tiles:
@@ -175,6 +228,37 @@ class Pool2d:
             else:
                 self.window(acc, offset)[...] += dy * mask
         self._finish(acc, dx)
+
+    def _tile_index(self, choice):
+        """Tiles only: flat index, within its chunk of items, of each window's chosen cell.
+
+        Offset number k = choice − 1 sits at row k // kw, column k % kw of its window, i.e.
+        k + (k // kw)·(W − kw) cells after the window's first cell.
+        """
+        xp = self.xp
+        n, c = choice.shape[:2]
+        height, width = self.shape[2:]
+        count = choice.size
+        if self._bufs.get("origin_items", 0) < n:
+            oh, ow = self.out_shape
+            plane = (xp.arange(oh).reshape(oh, 1) * (self.sh * width)
+                     + xp.arange(ow).reshape(1, ow) * self.sw)
+            origin = xp.arange(n * c).reshape(n * c, 1, 1) * (height * width) + plane
+            self._bufs["origin"] = origin.reshape(-1).astype(xp.intp)
+            self._bufs["origin_items"] = n
+            self._bufs["index"] = xp.empty(count, dtype=xp.intp)
+            span = (self.kh - 1) * width + self.kw
+            small = xp.int16 if span < np.iinfo(np.int16).max else xp.int32
+            self._bufs["k"] = xp.empty(count, dtype=small)
+            self._bufs["row"] = xp.empty(count, dtype=small)
+        k, row = self._bufs["k"][:count], self._bufs["row"][:count]
+        index = self._bufs["index"][:count]
+        xp.subtract(choice.reshape(-1), 1, out=k, casting="unsafe")
+        xp.floor_divide(k, self.kw, out=row)
+        xp.multiply(row, width - self.kw, out=row)
+        xp.add(row, k, out=row)
+        xp.add(self._bufs["origin"][:count], row, out=index)
+        return index
 
     def spread_backward(self, g, dx) -> None:
         """dx = each g value added to every cell of its window (AVE after the 1/divisor)."""
