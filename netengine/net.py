@@ -644,10 +644,24 @@ class Net:
         return param
 
     def save(self, path: str) -> None:
-        """Write the weights as a binary caffemodel (atomically)."""
-        from netengine.io import write_binary_proto
+        """Write the weights atomically: a binary caffemodel, or Caffe's HDF5 layout when
+        ``path`` ends in ``.h5`` (needs h5py; pycaffe's ``save_hdf5``)."""
+        from netengine import snapshot
 
-        write_binary_proto(path, self.to_proto())
+        if str(path).endswith(".h5"):
+            snapshot.write_model_hdf5(self, path)
+        else:
+            snapshot.write_model(self, path)
+
+    def save_hdf5(self, path: str) -> None:
+        from netengine import snapshot
+
+        snapshot.write_model_hdf5(self, path)
+
+    def load_hdf5(self, path: str) -> list[str]:
+        from netengine import snapshot
+
+        return snapshot.load_weights_hdf5(self, path)
 
     def __repr__(self) -> str:
         phase = caffe_pb2.Phase.Name(self.phase)
