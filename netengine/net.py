@@ -567,6 +567,33 @@ class Net:
         names += [d for d in (diffs or ()) if d not in names]
         return {name: self._blobs[name].diff for name in names}
 
+    def forward_all(self, blobs: Iterable[str] | None = None, **inputs) -> dict:
+        """Forward every item of ``inputs`` in batches of the net's batch size (pycaffe)."""
+        if not inputs:
+            return {k: v.copy() for k, v in self.forward(blobs).items()}
+        total = len(next(iter(inputs.values())))
+        batch = self._blobs[next(iter(inputs))].shape[0]
+        pieces: dict[str, list] = {}
+        for start in range(0, total, batch):
+            chunk = {}
+            for name, value in inputs.items():
+                part = np.asarray(value[start:start + batch])
+                if len(part) < batch:  # pad the last batch, as pycaffe does
+                    pad = np.zeros((batch - len(part),) + part.shape[1:], part.dtype)
+                    part = np.concatenate([part, pad])
+                chunk[name] = part
+            for name, value in self.forward(blobs, **chunk).items():
+                pieces.setdefault(name, []).append(backend.to_host(value).copy())
+        return {name: np.concatenate(parts)[:total] for name, parts in pieces.items()}
+
+    def set_input_arrays(self, data, labels, layer_index: int = 0) -> None:
+        """Feed the first MemoryData layer (pycaffe's ``set_input_arrays``)."""
+        for layer in self.layers[layer_index:]:
+            if hasattr(layer, "set_input_arrays"):
+                layer.set_input_arrays(data, labels)
+                return
+        raise NetEngineError("set_input_arrays needs a MemoryData layer in the net")
+
     def forward_backward(self) -> float:
         """One forward and backward over the whole net; returns the loss (Solver's step)."""
         loss = self.forward_from_to(0, len(self.layers) - 1)

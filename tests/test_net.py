@@ -418,3 +418,18 @@ def test_hdf5_weights_round_trip(tmp_path):
     for name, blobs in net.params.items():
         for a, b in zip(blobs, other.params[name]):
             np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_forward_all_batches_and_trims():
+    needs("InnerProduct")
+    text = """
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 4 dim: 3 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+    """
+    net = net_from_text(text, netengine.TEST)
+    x = np.random.default_rng(1).normal(size=(10, 3)).astype(np.float32)
+    out = net.forward_all(x=x)["y"]
+    w = net.params["ip"][0].data
+    np.testing.assert_allclose(out, x @ w.T, rtol=1e-5, atol=1e-6)
+    assert out.shape == (10, 2)
