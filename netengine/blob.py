@@ -6,6 +6,7 @@ capacity allocates anew; shrinking keeps the buffer, as Caffe's Reshape does.
 """
 from __future__ import annotations
 
+import math
 import types
 
 import numpy as np
@@ -51,7 +52,7 @@ class Blob:
 
     def count_range(self, start: int, end: int | None = None) -> int:
         """Product of the dimensions in [start, end)."""
-        return int(np.prod(self._shape[start:end], dtype=np.int64))
+        return math.prod(self._shape[start:end])
 
     def canonical_axis(self, axis: int) -> int:
         """Caffe's CanonicalAxisIndex: negative axes count from the end."""
@@ -68,11 +69,13 @@ class Blob:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         shape = tuple(int(d) for d in shape)
+        if shape == self._shape and self._data_buf is not None:
+            return  # unchanged: the views stay as they are (the common case, every forward)
         if len(shape) > MAX_BLOB_AXES:
             raise ValueError(f"a blob has at most {MAX_BLOB_AXES} axes, got {len(shape)}")
         if any(d < 0 for d in shape):
             raise ValueError(f"negative dimension in blob shape {shape}")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         self._shape, self._count = shape, count
         if self._data_buf is None or self._data_buf.size < count:
             self._data_buf = self._xp.zeros(max(count, 1), dtype=self.dtype)

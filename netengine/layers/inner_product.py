@@ -85,8 +85,13 @@ class InnerProduct(Layer):
         dy = top[0].diff.reshape(self.m, self.num_output)
         x = bottom[0].data.reshape(self.m, self.k)
         w = self.blobs[0]
-        if self.param_propagate_down[0]:
-            w.diff[...] += x.T @ dy if self.transpose else dy.T @ x
+        if self.param_propagate_down[0]:  # the product lands in a kept buffer, then one add
+            grad = getattr(self, "_wgrad", None)
+            if grad is None or grad.shape != w.shape or grad.dtype != w.dtype or \
+                    not isinstance(grad, type(w.diff)):
+                grad = self._wgrad = xp.empty(w.shape, dtype=w.dtype)
+            xp.matmul(x.T, dy, out=grad) if self.transpose else xp.matmul(dy.T, x, out=grad)
+            w.diff[...] += grad
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff[...] += dy.sum(axis=0)
         if propagate_down[0]:

@@ -138,7 +138,40 @@ class SoftmaxWithLoss(LossLayer):
         if len(top) > 1:
             top[1].reshape(score.shape)
 
+    def _simple(self, bottom: list[Blob]) -> bool:
+        """One label per row of scores and nothing ignored: the fast path (same values).
+        Subclasses (InfogainLoss) read the generic path's shapes, so they keep it."""
+        return type(self) is SoftmaxWithLoss and self.inner == 1 and self.ignore_label is None
+
+    def _forward_rows(self, bottom: list[Blob], top: list[Blob]) -> None:
+        """compute_forward for (outer, C) scores without ignore_label, in kept buffers."""
+        xp = bottom[0].xp
+        x = bottom[0].data.reshape(self.outer, -1)
+        prob = getattr(self, "_prob_rows", None)
+        if prob is None or prob.shape != x.shape or prob.dtype != x.dtype or \
+                not isinstance(prob, type(x)):
+            prob = self._prob_rows = xp.empty_like(x)
+            self._rows = xp.arange(self.outer)
+        xp.subtract(x, x.max(axis=1, keepdims=True), out=prob)
+        xp.exp(prob, out=prob)
+        prob /= prob.sum(axis=1, keepdims=True)
+        labels = bottom[1].data.reshape(-1).astype(xp.intp)
+        classes = x.shape[1]
+        if bool(xp.any((labels < 0) | (labels >= classes))):
+            raise self.fail(f"labels must lie in [0, {classes}) (or equal ignore_label); got "
+                            f"values from {float(bottom[1].data.min())} to "
+                            f"{float(bottom[1].data.max())}")
+        log_p = xp.log(xp.maximum(prob[self._rows, labels], FLT_MIN))
+        self.normalizer = _normalizer(xp, self.normalization, self.outer, 1, self.outer,
+                                      prob.dtype)
+        top[0].data[...] = -log_p.sum() / self.normalizer
+        self.prob, self.labels = prob, labels
+        if len(top) > 1:
+            top[1].data[...] = prob.reshape(bottom[0].shape)
+
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        if self._simple(bottom):
+            return self._forward_rows(bottom, top)
         xp = bottom[0].xp
         classes = bottom[0].shape[self.axis]
         prob = _softmax(xp, bottom[0].data, self.axis).reshape(self.outer, classes, self.inner)
@@ -161,6 +194,12 @@ class SoftmaxWithLoss(LossLayer):
         if not propagate_down[0]:
             return
         xp = bottom[0].xp
+        if type(self) is SoftmaxWithLoss and self.prob.ndim == 2:  # fast path's (outer, C)
+            grad = bottom[0].diff.reshape(self.prob.shape)
+            xp.copyto(grad, self.prob)
+            grad[self._rows, self.labels] -= 1
+            grad *= top[0].diff / self.normalizer
+            return
         grad = self.prob - _onehot(xp, self.labels, self.prob.shape[1])
         grad *= self.valid[:, None, :]
         grad *= top[0].diff / self.normalizer
@@ -466,7 +505,40 @@ class InfogainLoss(LossLayer):
         classes = bottom[0].shape[self.axis]
         return matrix.data.reshape(classes, classes)
 
+    def _simple(self, bottom: list[Blob]) -> bool:
+        """One label per row of scores and nothing ignored: the fast path (same values).
+        Subclasses (InfogainLoss) read the generic path's shapes, so they keep it."""
+        return type(self) is SoftmaxWithLoss and self.inner == 1 and self.ignore_label is None
+
+    def _forward_rows(self, bottom: list[Blob], top: list[Blob]) -> None:
+        """compute_forward for (outer, C) scores without ignore_label, in kept buffers."""
+        xp = bottom[0].xp
+        x = bottom[0].data.reshape(self.outer, -1)
+        prob = getattr(self, "_prob_rows", None)
+        if prob is None or prob.shape != x.shape or prob.dtype != x.dtype or \
+                not isinstance(prob, type(x)):
+            prob = self._prob_rows = xp.empty_like(x)
+            self._rows = xp.arange(self.outer)
+        xp.subtract(x, x.max(axis=1, keepdims=True), out=prob)
+        xp.exp(prob, out=prob)
+        prob /= prob.sum(axis=1, keepdims=True)
+        labels = bottom[1].data.reshape(-1).astype(xp.intp)
+        classes = x.shape[1]
+        if bool(xp.any((labels < 0) | (labels >= classes))):
+            raise self.fail(f"labels must lie in [0, {classes}) (or equal ignore_label); got "
+                            f"values from {float(bottom[1].data.min())} to "
+                            f"{float(bottom[1].data.max())}")
+        log_p = xp.log(xp.maximum(prob[self._rows, labels], FLT_MIN))
+        self.normalizer = _normalizer(xp, self.normalization, self.outer, 1, self.outer,
+                                      prob.dtype)
+        top[0].data[...] = -log_p.sum() / self.normalizer
+        self.prob, self.labels = prob, labels
+        if len(top) > 1:
+            top[1].data[...] = prob.reshape(bottom[0].shape)
+
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        if self._simple(bottom):
+            return self._forward_rows(bottom, top)
         xp = bottom[0].xp
         classes = bottom[0].shape[self.axis]
         prob = _softmax(xp, bottom[0].data, self.axis).reshape(self.outer, classes, self.inner)

@@ -79,6 +79,20 @@ class ReLU(_Elementwise):
     def gradient(self, xp, x, y, dy):
         return xp.where(x > 0, dy, self.slope * dy)
 
+    def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        if self.slope != 0:
+            return super().compute_forward(bottom, top)
+        # slope 0: one pass straight into the top (in place: over the bottom), no temporary
+        bottom[0].xp.maximum(bottom[0].data, 0, out=top[0].data)
+
+    def compute_backward(self, top: list[Blob], propagate_down: list[bool],
+                         bottom: list[Blob]) -> None:
+        if self.slope != 0:
+            return super().compute_backward(top, propagate_down, bottom)
+        if propagate_down[0]:  # dy where x > 0 (the sign the output shares), else 0
+            xp = bottom[0].xp
+            xp.multiply(top[0].diff, bottom[0].data > 0, out=bottom[0].diff)
+
 
 @register
 class Sigmoid(_Elementwise):
