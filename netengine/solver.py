@@ -72,6 +72,10 @@ ACTIONS = ("none", "stop", "snapshot")
 
 
 # -- reading a solver file ------------------------------------------------------------------------
+# The fused CPU SGD update works through each param in blocks of this many values.
+UPDATE_BLOCK = 32768
+
+
 def read_solver_param(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
     """Parse a solver prototxt, upgrade ``solver_type`` and default ``snapshot_prefix``.
 
@@ -655,7 +659,12 @@ class Solver:
 
 
 class SGDSolver(Solver):
-    """Stochastic gradient descent with momentum: h = μ·h + lr·g; step h."""
+    """Stochastic gradient descent with momentum: h = μ·h + lr·g; step h.
+
+    On the CPU the whole update (normalise, regularise, momentum, w -= step) runs block by
+    block (:data:`UPDATE_BLOCK` values), so each block's w, g, h stay in cache through the
+    steps: the same operations in the same order per value, so the same results.
+    """
 
     type = "SGD"
 
@@ -666,6 +675,40 @@ class SGDSolver(Solver):
         blob.xp.multiply(g, self.local_rate(i, rate), out=tmp)
         h += tmp
         g[...] = h
+
+    def apply_update(self) -> None:
+        params = self.net.learnable_params
+        if type(self) is not SGDSolver or any(b.xp is not np for b in params):
+            return super().apply_update()
+        p = self.param
+        rate = self.get_learning_rate()
+        if p.display and self.iter % p.display == 0:
+            log.info("Iteration %d, lr = %s", self.iter, fmt(rate), extra=at("sgd_solver.cpp:138"))
+        self.clip_gradients()
+        momentum = self._s(p.momentum)
+        scale = self._s(1.0) / self._s(p.iter_size) if p.iter_size > 1 else None
+        for i, blob in enumerate(params):
+            decay = self._s(self._s(p.weight_decay) * self._s(self.net.params_weight_decay[i]))
+            lr = self.local_rate(i, rate)
+            w, g = blob.data.reshape(-1), blob.diff.reshape(-1)
+            h, tmp = self.history[i].data.reshape(-1), self._scratch[i][0].reshape(-1)
+            for start in range(0, w.size, UPDATE_BLOCK):
+                part = slice(start, start + UPDATE_BLOCK)
+                wb, gb, hb, tb = w[part], g[part], h[part], tmp[part]
+                if scale is not None:  # normalize
+                    gb *= scale
+                if decay:  # regularize
+                    if p.regularization_type == "L2":
+                        np.multiply(wb, decay, out=tb)
+                    else:
+                        np.sign(wb, out=tb)
+                        tb *= decay
+                    gb += tb
+                hb *= momentum  # compute_update_value
+                np.multiply(gb, lr, out=tb)
+                hb += tb
+                gb[...] = hb
+                wb -= gb  # the net's update: data -= diff
 
 
 class NesterovSolver(SGDSolver):
