@@ -1,10 +1,12 @@
 """Data layers: where blobs enter the net (Input for deploy nets; readers for training).
 
-Data (LMDB of Datum records, or MNIST IDX files), MemoryData, DummyData and HDF5Data. Readers
-prepare batches on the host (NumPy) and copy them into the tops on the tops' device.
+Data (LMDB of Datum records, or MNIST IDX files), MemoryData, DummyData, HDF5Data, ImageData
+(image list files) and WindowData (R-CNN window files). Readers prepare batches on the host
+(NumPy) and copy them into the tops on the tops' device.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import weakref
@@ -627,3 +629,367 @@ class HDF5Data(Layer):
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
         pass
+
+
+# -- image readers --------------------------------------------------------------------------------
+def _image_path(name: str, dirs: tuple, where: str) -> Path:
+    found = datasets.resolve_source(name, dirs, gz=False)
+    if found is None:
+        raise NetEngineError(f"image file not found: {datasets.search_description(name, dirs)} "
+                             f"({where})")
+    return found
+
+
+class _ImageList:
+    """The lines of an ImageData list and the order they are served in (no layer reference,
+    so the prefetch thread can hold it)."""
+
+    def __init__(self, names, labels, listing: Path, dirs: tuple, p, seed: int) -> None:
+        self.names, self.labels, self.listing, self.dirs = names, labels, listing, dirs
+        self.root, self.shuffle, self.seed = p.root_folder, p.shuffle, seed
+        self.height, self.width, self.is_color = p.new_height, p.new_width, p.is_color
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def line(self, item: int) -> int:
+        """The list line served as item ``item`` (counted from the very first, skip included)."""
+        epoch, pos = divmod(int(item), len(self.names))
+        if not self.shuffle:
+            return pos
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, 0x5107, epoch])
+            self._order = (epoch, rng.permutation(len(self.names)))
+        return int(self._order[1][pos])
+
+    def load(self, line: int) -> np.ndarray:
+        where = f"line {line + 1} of {self.listing}"
+        path = _image_path(self.root + self.names[line], self.dirs, where)
+        return datasets.read_image(path, self.height, self.width, self.is_color)
+
+
+def _read_image_list(layer: Layer, listing: Path) -> tuple[list[str], np.ndarray]:
+    try:
+        text = listing.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise layer.fail(f"cannot read {listing}: {err}") from None
+    names, labels = [], []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        name, _, label = line.rpartition(" ")
+        try:
+            labels.append(int(label))
+        except ValueError:
+            raise layer.fail(f"{listing} line {number}: expected 'path label' (an integer label "
+                             f"after the last space), got {line!r}") from None
+        names.append(name.strip())
+    if not names:
+        raise layer.fail(f"{listing} lists no images")
+    return names, np.asarray(labels, dtype=np.int64)
+
+
+@register
+class ImageData(Data):
+    """Caffe's ImageData: the images of a list file → data (N, C, H, W) and label (N,).
+
+    image_data_param: ``source`` (text file of ``path label`` lines; the label follows the
+    last space), ``root_folder`` (prefixed to every path as a plain string, as Caffe),
+    ``batch_size``, ``shuffle``, ``new_height``/``new_width`` (bilinear resize as OpenCV's
+    INTER_LINEAR when both are set; 0 = none), ``is_color`` (3 channels in OpenCV's **BGR**
+    order, else 1 gray channel), ``rand_skip``. Decoding needs Pillow (the ``images`` extra).
+    A relative image path resolves against the current directory (Caffe's rule), then the list
+    file's folder and ``search_dirs``. transform_param as for Data (deprecated
+    image_data_param scale/mean_file/crop_size/mirror honoured); data_param.prefetch is the
+    prefetch depth (Caffe's prefetching base class reads it there too).
+
+    Serving order: item ``g = s + b·N + i`` of batch b is line ``order_e[g mod L]`` with
+    e = g div L (L lines, s the rand_skip offset drawn once in [0, rand_skip)), so after the
+    first wrap the list restarts at line 0 as in Caffe. Without shuffle ``order_e`` is the file
+    order; with it a permutation drawn from (random seed, e): a new shuffle every epoch, as
+    Caffe reshuffles at each wrap. Transform coins/offsets come from (seed, b) as for Data,
+    so ``seek(b)`` reproduces batch b exactly. The first image fixes the tops' shapes at setup;
+    a batch takes the size of its images, which must agree (batch_size 1 serves any sizes).
+    """
+
+    type = "ImageData"
+    min_tops = max_tops = None
+    exact_tops = 2
+
+    def layer_setup(self, bottom, top: list[Blob]) -> None:
+        p = self.layer_param.image_data_param
+        listing = _resolve(self, "image_data_param.source", p.source, gz=False)
+        try:
+            datasets.import_pillow()
+        except NetEngineError as err:
+            raise self.fail(err.message) from None
+        if p.batch_size <= 0:
+            raise self.fail("image_data_param.batch_size must be positive")
+        if (p.new_height > 0) != (p.new_width > 0):
+            raise self.fail(f"image_data_param: set new_height and new_width together (both 0 = "
+                            f"no resize), got {p.new_height} x {p.new_width}")
+        self.batch_size = int(p.batch_size)
+        names, labels = _read_image_list(self, listing)
+        self.transformer = self._make_transformer(p)
+        self.seed = _random_seed()
+        self.skip = 0
+        if p.rand_skip:
+            self.skip = int(np.random.default_rng([self.seed, 0x5EED]).integers(0, p.rand_skip))
+            if self.skip >= len(names):
+                raise self.fail(f"rand_skip drew {self.skip} but {listing} lists only "
+                                f"{len(names)} images")
+        self.source = None
+        self.images = _ImageList(names, labels, listing, (str(listing.parent), *self.search_dirs),
+                                 p, self.seed)
+        try:
+            first = self.images.load(self.images.line(self.skip))
+            shape = self.transformer.output_shape(first.shape)
+        except NetEngineError as err:
+            raise self.fail(err.message) from None
+        self._next = 0
+        top[0].reshape((self.batch_size, *shape))
+        top[1].reshape((self.batch_size,))
+        prefetch = self.layer_param.data_param.prefetch
+        self.prefetcher = (Prefetcher(self._batch_maker(), prefetch,
+                                      f"netengine-prefetch-{self.name}") if prefetch else None)
+        self._finalizer = weakref.finalize(self, _shutdown, self.prefetcher, None)
+
+    def _batch_maker(self):
+        images, transformer, dtype = self.images, self.transformer, self.dtype
+        n, skip, seed = self.batch_size, self.skip, self.seed
+
+        def make_batch(index: int):
+            lines = [images.line(skip + index * n + i) for i in range(n)]
+            loaded = [images.load(line) for line in lines]
+            for line, image in zip(lines[1:], loaded[1:]):
+                if image.shape != loaded[0].shape:
+                    raise NetEngineError(
+                        f"{images.names[line]} is {image.shape[1]}x{image.shape[2]} but "
+                        f"{images.names[lines[0]]} is {loaded[0].shape[1]}x{loaded[0].shape[2]}:"
+                        " the images of a batch need one size (set new_height and new_width)")
+            rng = np.random.default_rng([seed, int(index)])
+            data = transformer.apply(np.stack(loaded), rng, dtype)
+            return data, images.labels[lines].astype(dtype)
+
+        return make_batch
+
+
+def _round_half_away(x: float) -> int:
+    """C's round(): halves away from zero."""
+    return int(math.floor(x + 0.5)) if x >= 0 else -int(math.floor(0.5 - x))
+
+
+def _crop_window(image: np.ndarray, box, crop: int, context_pad: int, square: bool,
+                 flip: bool) -> tuple[np.ndarray, int, int]:
+    """R-CNN's window crop: (patch (C, h, w) uint8, already mirrored; top pad; left pad)."""
+    _, rows, cols = image.shape
+    x1, y1, x2, y2 = box
+    pad_h = pad_w = 0
+    out_h = out_w = crop
+    if context_pad > 0 or square:
+        context = crop / (crop - 2 * context_pad)
+        half_h, half_w = (y2 - y1 + 1) / 2.0, (x2 - x1 + 1) / 2.0
+        centre_x, centre_y = x1 + half_w, y1 + half_h
+        if square:
+            half_h = half_w = max(half_h, half_w)
+        x1 = _round_half_away(centre_x - half_w * context)
+        x2 = _round_half_away(centre_x + half_w * context)
+        y1 = _round_half_away(centre_y - half_h * context)
+        y2 = _round_half_away(centre_y + half_h * context)
+        scale_x, scale_y = crop / (x2 - x1 + 1), crop / (y2 - y1 + 1)
+        pad_x1, pad_y1 = max(0, -x1), max(0, -y1)
+        pad_x2, pad_y2 = max(0, x2 - cols + 1), max(0, y2 - rows + 1)
+        x1, x2, y1, y2 = x1 + pad_x1, x2 - pad_x2, y1 + pad_y1, y2 - pad_y2
+        out_w = _round_half_away((x2 - x1 + 1) * scale_x)
+        out_h = _round_half_away((y2 - y1 + 1) * scale_y)
+        pad_h = _round_half_away(pad_y1 * scale_y)
+        pad_w = _round_half_away((pad_x2 if flip else pad_x1) * scale_x)
+        out_h, out_w = min(out_h, crop - pad_h), min(out_w, crop - pad_w)
+    else:  # Caffe assumes the window lies inside the image; netengine clips it
+        x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, cols - 1), min(y2, rows - 1)
+    if x2 < x1 or y2 < y1 or out_h <= 0 or out_w <= 0:
+        raise NetEngineError(f"window {tuple(box)} lies outside the {cols}x{rows} image")
+    patch = datasets.resize_image(image[:, y1:y2 + 1, x1:x2 + 1], out_h, out_w)
+    return (patch[:, :, ::-1] if flip else patch), pad_h, pad_w
+
+
+@register
+class WindowData(Data):
+    """Caffe's WindowData (R-CNN): warped windows of images → data (N, C, S, S), label (N,).
+
+    window_data_param ``source`` is a window file of blocks ``# index`` / image path /
+    channels / height / width / window count / one ``class overlap x1 y1 x2 y2`` line per
+    window (inclusive pixel corners). A window with overlap ≥ fg_threshold is foreground
+    (its class must be > 0); one with overlap < bg_threshold background (label 0); others are
+    unused. Each batch holds N − ⌊N·fg_fraction⌋ background windows, then ⌊N·fg_fraction⌋
+    foreground ones, each drawn uniformly with replacement; a mirror coin per window.
+
+    Crop (S = transform_param.crop_size, required): with context_pad > 0 or crop_mode
+    "square" the box is grown about its centre by S / (S − 2·context_pad) (square: to its
+    longer side first), clipped to the image; the clipped part is warped by the same scale
+    and placed at its offset in an S×S zero canvas (mirrored windows use the right-hand pad).
+    Otherwise ("warp") the box is warped to S×S. Pixels get ``(x − mean)·scale`` with
+    mean_value, or mean_file's centred S×S region at the same canvas position; padding stays
+    0. Images load in OpenCV's BGR order (1-channel window files load gray); ``root_folder``
+    prefixes each path; ``cache_images`` keeps the files' bytes in memory from setup.
+    Draws come from (random seed, b): ``seek(b)`` reproduces batch b.
+    """
+
+    type = "WindowData"
+    min_tops = max_tops = None
+    exact_tops = 2
+
+    def layer_setup(self, bottom, top: list[Blob]) -> None:
+        p = self.layer_param.window_data_param
+        source = _resolve(self, "window_data_param.source", p.source, gz=False)
+        try:
+            datasets.import_pillow()
+        except NetEngineError as err:
+            raise self.fail(err.message) from None
+        if p.batch_size <= 0:
+            raise self.fail("window_data_param.batch_size must be positive")
+        if p.crop_mode not in ("warp", "square"):
+            raise self.fail(f"window_data_param.crop_mode must be 'warp' or 'square', "
+                            f"got '{p.crop_mode}'")
+        if not 0 <= p.fg_fraction <= 1:
+            raise self.fail(f"window_data_param.fg_fraction must be in [0, 1], "
+                            f"got {p.fg_fraction}")
+        self.batch_size = n = int(p.batch_size)
+        t = self.transformer = self._make_transformer(p)
+        crop = int(t.crop)
+        if crop <= 0:
+            raise self.fail("WindowData needs transform_param.crop_size > 0")
+        if 2 * p.context_pad >= crop:
+            raise self.fail(f"context_pad {p.context_pad} leaves nothing of crop_size {crop}")
+        paths, fg, bg = self._read_windows(source, p)
+        channels = self.channels = paths[0][1]
+        if channels not in (1, 3):
+            raise self.fail(f"{source}: images need 1 or 3 channels, the first has {channels}")
+        num_fg = int(np.float32(n) * np.float32(p.fg_fraction))
+        for count, windows, what in ((num_fg, fg, "foreground"), (n - num_fg, bg, "background")):
+            if count and not len(windows):
+                raise self.fail(f"{source} has no {what} windows but a batch needs {count} "
+                                f"(fg_threshold {p.fg_threshold}, bg_threshold {p.bg_threshold})")
+        mean = None
+        try:
+            if t.mean_file is not None:
+                mean = t.mean_file
+                off = (mean.shape[2] - crop) // 2
+                if mean.shape[0] != channels or off < 0 or mean.shape[1] < off + crop:
+                    raise self.fail(f"the mean file's shape {mean.shape} does not cover "
+                                    f"{channels} channels of {crop}x{crop} (centred)")
+                mean = mean[:, off:off + crop, off:off + crop]
+            elif len(t.mean_value):
+                if len(t.mean_value) not in (1, channels):
+                    raise self.fail(f"give 1 mean_value or one per channel ({channels}), "
+                                    f"got {len(t.mean_value)}")
+                mean = np.broadcast_to(t.mean_value.reshape(-1, 1, 1), (channels, crop, crop))
+            dirs = (str(source.parent), *self.search_dirs)
+            files = [_image_path(p.root_folder + name, dirs, f"image {i} of {source}")
+                     if p.cache_images else None for i, (name, *_) in enumerate(paths)]
+            cache = [datasets.read_bytes(f) if f else None for f in files]
+        except NetEngineError as err:
+            if isinstance(err, LayerError) and err.layer is not None:
+                raise
+            raise self.fail(err.message) from None
+        self.seed = _random_seed()
+        self.source = None
+        self._next = 0
+        self._sampler = dict(paths=paths, root=p.root_folder, dirs=dirs, cache=cache, fg=fg,
+                             bg=bg, num_fg=num_fg, crop=crop, pad=int(p.context_pad),
+                             square=p.crop_mode == "square", mirror=t.mirror, scale=t.scale,
+                             mean=mean, source=source)
+        top[0].reshape((n, channels, crop, crop))
+        top[1].reshape((n,))
+        prefetch = self.layer_param.data_param.prefetch
+        self.prefetcher = (Prefetcher(self._batch_maker(), prefetch,
+                                      f"netengine-prefetch-{self.name}") if prefetch else None)
+        self._finalizer = weakref.finalize(self, _shutdown, self.prefetcher, None)
+
+    def _read_windows(self, source: Path, p):
+        """(images [(path, channels, height, width)], fg rows, bg rows); a row is
+        (image, label, x1, y1, x2, y2)."""
+        try:
+            tokens = source.read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as err:
+            raise self.fail(f"cannot read {source}: {err}") from None
+        images, fg, bg, pos = [], [], [], 0
+
+        def take(count: int, what: str) -> list[str]:
+            nonlocal pos
+            if pos + count > len(tokens):
+                raise self.fail(f"{source}: image {len(images)}: file ends before its {what}")
+            pos += count
+            return tokens[pos - count:pos]
+
+        while pos < len(tokens):
+            hashtag, _ = take(2, "'# index' header")
+            if hashtag != "#":
+                raise self.fail(f"{source}: image {len(images)}: expected '# <index>', got "
+                                f"'{hashtag}'")
+            name, *dims = take(5, "path, channels, height, width and window count")
+            try:
+                channels, height, width, count = (int(d) for d in dims)
+                rows = np.asarray(take(6 * count, f"{count} windows"), dtype=np.float64)
+            except ValueError as err:
+                raise self.fail(f"{source}: image {len(images)} ({name}): bad number: "
+                                f"{err}") from None
+            for label, overlap, *box in rows.reshape(-1, 6):
+                row = (len(images), int(label), *(int(v) for v in box))
+                if overlap >= p.fg_threshold:
+                    if row[1] <= 0:
+                        raise self.fail(f"{source}: image {len(images)} ({name}): a foreground "
+                                        f"window (overlap {overlap:g}) has class {row[1]}; "
+                                        "foreground classes must be > 0")
+                    fg.append(row)
+                elif overlap < p.bg_threshold:
+                    bg.append((row[0], 0, *row[2:]))
+            images.append((name, channels, height, width))
+        if not images:
+            raise self.fail(f"{source} lists no images")
+        as_array = lambda rows: np.asarray(rows, dtype=np.int64).reshape(-1, 6)  # noqa: E731
+        return images, as_array(fg), as_array(bg)
+
+    def _batch_maker(self):
+        s, n, seed, dtype = dict(self._sampler), self.batch_size, self.seed, self.dtype
+        channels, is_color = self.channels, self.channels == 3
+
+        def load(image: int) -> np.ndarray:
+            name = s["root"] + s["paths"][image][0]
+            data = s["cache"][image]
+            if data is None:
+                data = _image_path(name, s["dirs"], f"image {image} of {s['source']}")
+            decoded = datasets.decode_image(data, is_color, name=name)
+            if decoded.shape[0] != channels:  # pragma: no cover - decode_image gives 1 or 3
+                raise NetEngineError(f"{name} has {decoded.shape[0]} channels, not {channels}")
+            return decoded
+
+        def make_batch(index: int):
+            rng = np.random.default_rng([seed, int(index)])
+            num_fg = s["num_fg"]
+            picks = [s["bg"][rng.integers(0, len(s["bg"]), n - num_fg)] if n - num_fg else
+                     np.zeros((0, 6), np.int64),
+                     s["fg"][rng.integers(0, len(s["fg"]), num_fg)] if num_fg else
+                     np.zeros((0, 6), np.int64)]
+            windows = np.concatenate(picks)
+            flips = (rng.integers(0, 2, n).astype(bool) if s["mirror"]
+                     else np.zeros(n, dtype=bool))
+            data = np.zeros((n, channels, s["crop"], s["crop"]), dtype=dtype)
+            decoded: dict[int, np.ndarray] = {}
+            for i, (image, _, *box) in enumerate(windows.tolist()):
+                if image not in decoded:
+                    decoded[image] = load(image)
+                try:
+                    patch, top, left = _crop_window(decoded[image], box, s["crop"], s["pad"],
+                                                    s["square"], bool(flips[i]))
+                except NetEngineError as err:
+                    raise NetEngineError(f"image {image} of {s['source']}: {err}") from None
+                h, w = patch.shape[1:]
+                region = patch.astype(dtype)
+                if s["mean"] is not None:
+                    region -= s["mean"][:, top:top + h, left:left + w].astype(dtype)
+                if s["scale"] != 1:
+                    region *= dtype.type(s["scale"])
+                data[i, :, top:top + h, left:left + w] = region
+            return data, windows[:, 1].astype(dtype)
+
+        return make_batch
