@@ -13,7 +13,9 @@ order). The whole chunk is built at once, in one of two layouts chosen per shape
   the y-side diffs are transposed once per pass for it.
 
 - im2col is one copy out of a strided window view of the (padded) input (no Python loop).
-- col2im is a loop over the K kernel offsets only; each step is one vectorised add.
+- col2im is a loop over the K kernel offsets only; each step is one vectorised add. (The
+  backward of an item-minor, one-group convolution orders its product's rows by kernel
+  offset first, so each add reads one contiguous block.)
 - Work buffers live in :class:`ConvGemm` and are reallocated only when the shapes change.
 - 1x1 kernels with stride 1 and pad 0 skip im2col/col2im: the input is its own column matrix.
 - With a bias (and one group, columns built), the columns carry one extra row of ones and the
@@ -297,6 +299,15 @@ class ConvGemm:
         cols = self._buffer("cols", self._cols_shape(n))
         self.cols_owner = None
         self._ones_state = None
+        if self.item_minor and g == 1:
+            # Rows in (kernel offset, channel) order: each offset's block of the product is
+            # then one contiguous (C_x, *S_y, n) array for its col2im add.
+            d = len(self.kernel)
+            wt_kc = self._buffer("wt_kc", (*self.kernel, self.c_x, self.c_y))
+            xp.copyto(wt_kc, w.transpose((*range(2, d + 2), 1, 0)))
+            xp.matmul(wt_kc.reshape(-1, self.c_y), yop, out=cols)
+            self._col2im_offset_major(cols, dx)
+            return
         if self.item_minor:
             xp.matmul(wt, yop.reshape(g, self.c_y // g, -1),
                       out=cols.reshape(g, -1, n * self.p_size))
@@ -304,6 +315,20 @@ class ConvGemm:
             xp.matmul(wt, yop.reshape(n, g, self.c_y // g, self.p_size),
                       out=cols.reshape(n, g, -1, self.p_size))
         self.col2im(cols, dx)
+
+    def _col2im_offset_major(self, cols, dx) -> None:
+        """col2im for item-minor columns whose rows run (kernel offset, channel), i.e.
+        (*K, C_x, *S_y, n): one add of a contiguous block per kernel offset."""
+        n, d = dx.shape[0], len(self.kernel)
+        cols = cols.reshape((*self.kernel, self.c_x, *self.y_shape, n))
+        acc, inner = self._image_buffer(n, any(self.pad))
+        acc[...] = 0
+        self._pad_state = None  # the border is no longer zero
+        for offset in itertools.product(*(range(k) for k in self.kernel)):
+            window = tuple(slice(k * dl, k * dl + s * (o - 1) + 1, s) for k, s, dl, o in
+                           zip(offset, self.stride, self.dilation, self.y_shape))
+            acc[(slice(None), *window)] += cols[offset]
+        self.xp.copyto(dx, acc[inner].transpose((d + 1, *range(d + 1))))
 
     def weight_grad(self, cols, yop, dw, db=None) -> None:
         """dw += Σ_items y · colsᵀ per group; with ``db`` (``cols`` carrying the ones row)
