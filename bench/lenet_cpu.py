@@ -5,8 +5,16 @@ Every measurement runs in its own worker process (so peak RSS is per engine and 
 settings apply from the start); the parent prints one table with ratios. PyTorch is optional
 (`pip install torch==2.13.0`, CPU build): without it only netengine's figures print.
 
-  python bench/lenet_cpu.py                 # full table: threads 1 and 2
-  python bench/lenet_cpu.py --quick         # fewer repeats, threads 2 only
+Threads: each worker gets OMP_NUM_THREADS = OPENBLAS_NUM_THREADS = MKL_NUM_THREADS = N (and
+torch.set_num_threads(N)) for N in --threads. netengine's own loops are single-threaded; N
+only reaches its GEMMs (OpenBLAS). Without these variables a user gets OpenBLAS's default, one
+thread per CPU (2 here); on a busy machine 2 BLAS threads can be much slower than 1.
+
+  python bench/lenet_cpu.py                      # full table: threads 1 and 2
+  python bench/lenet_cpu.py --quick              # fewer repeats, threads 2 only
+  python bench/lenet_cpu.py --rounds 3           # alternate the engines 3 times, medians
+  python bench/lenet_cpu.py --googlenet          # also GoogLeNet forward, batch 8
+  python bench/lenet_cpu.py --fashion-mnist      # also one real training epoch (60,000 images)
 """
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GOOGLENET = REPO.parent / "shared/acceptance/nets/bvlc_caffe/models/bvlc_googlenet/deploy.prototxt"
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
+CAFFE_IMAGES_S = 3100.0  # real BVLC Caffe, LeNet batch 64 train, this machine (issue 6)
 
 LENET = """
 name: "LeNet"
@@ -55,6 +65,10 @@ SOLVER = """
 base_lr: 0.01 momentum: 0.9 weight_decay: 0.0005 lr_policy: "inv" gamma: 0.0001 power: 0.75
 max_iter: 100000 display: 0 snapshot: 0 solver_mode: CPU random_seed: 1701
 """
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- workers ---------------------------------------------------------------------------------------
@@ -121,6 +135,77 @@ def _per_layer_ms(net, iters: int = 20) -> list[tuple[str, str, float, float]]:
             for i, layer in enumerate(net.layers)]
 
 
+def _fashion_arrays(name: str):
+    """Fashion-MNIST images (N, 1, 28, 28) scaled by 1/256 as float32, and labels."""
+    import numpy as np
+
+    from netengine import datasets
+
+    images = datasets.read_idx(FASHION / f"{name}-images-idx3-ubyte.gz")
+    labels = datasets.read_idx(FASHION / f"{name}-labels-idx1-ubyte.gz")
+    x = (images.reshape(-1, 1, 28, 28).astype(np.float32) * np.float32(0.00390625))
+    return x, labels.astype(np.float32)
+
+
+def _fashion_netengine(tmp: Path) -> dict:
+    """One epoch (938 steps of 64: 60,032 images) through a Data layer reading the IDX file,
+    then test accuracy on the 10,000 test images."""
+    import numpy as np
+    from google.protobuf import text_format
+
+    import netengine
+    from netengine.proto import caffe_pb2
+
+    param = text_format.Parse(LENET % {"n": 64}, caffe_pb2.NetParameter())
+    data = param.layer[0]
+    data.ClearField("input_param")
+    data.type = "Data"
+    data.data_param.source = str(FASHION / "train-images-idx3-ubyte.gz")
+    data.data_param.batch_size = 64
+    data.transform_param.scale = 0.00390625
+    solver_param = text_format.Parse(SOLVER, caffe_pb2.SolverParameter())
+    solver_param.net_param.CopyFrom(param)
+    path = tmp / "fashion_solver.prototxt"
+    path.write_text(text_format.MessageToString(solver_param))
+    solver = netengine.SGDSolver(str(path))
+    steps = -(-60000 // 64)
+    start = time.perf_counter()
+    solver.step(steps)
+    seconds = time.perf_counter() - start
+    test = _lenet_net(1000, phase_train=False)
+    for src, dst in zip(solver.net.params.values(), test.params.values()):
+        for a, b in zip(src, dst):
+            b.data[...] = a.data
+    x, y = _fashion_arrays("t10k")
+    correct = 0
+    for i in range(0, len(x), 1000):
+        scores = test.forward(data=x[i:i + 1000])["ip2"]
+        correct += int((np.argmax(scores, axis=1) == y[i:i + 1000]).sum())
+    return {"epoch_s": seconds, "accuracy": correct / len(x), "steps": steps}
+
+
+def _fashion_torch(model, opt) -> dict:
+    """The same epoch in PyTorch over in-memory tensors (no data-loader cost), then accuracy."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = _fashion_arrays("train")
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+    steps = -(-60000 // 64)
+    start = time.perf_counter()
+    for i in range(steps):
+        first = (i * 64) % len(xt)
+        xb, yb = xt[first:first + 64], yt[first:first + 64]
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    seconds = time.perf_counter() - start
+    x, y = _fashion_arrays("t10k")
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    return {"epoch_s": seconds, "accuracy": float((pred == y).mean()), "steps": steps}
+
+
 def worker_netengine(args) -> dict:
     import tempfile
 
@@ -135,8 +220,12 @@ def worker_netengine(args) -> dict:
     single = _lenet_net(1, phase_train=False)
     out["latency_1_ms"] = 1e3 / _median_rate(lambda: single.forward(), 1, 50, args.repeats)
     out["layers"] = _per_layer_ms(_lenet_net(64))
+    out["rss_mib"] = _peak_rss_mib()  # LeNet only: before the larger extras below
     if args.googlenet and GOOGLENET.exists():
         out["googlenet_fwd_ms"] = _googlenet_netengine(args)
+    if args.fashion_mnist:
+        with tempfile.TemporaryDirectory() as tmp:
+            out["fashion"] = _fashion_netengine(Path(tmp))
     return out
 
 
@@ -210,8 +299,13 @@ def worker_torch(args) -> dict:
                                                    args.repeats)
             out[f"{mode}_latency_1_ms"] = 1e3 / _median_rate(lambda m=m, x=x1: m(x), 1, 50,
                                                              args.repeats)
+    out["rss_mib"] = _peak_rss_mib()  # LeNet only: before the larger extras below
     if args.googlenet and GOOGLENET.exists():
         out["googlenet_fwd_ms"], out["googlenet_max_abs_diff"] = _googlenet_torch(args)
+    if args.fashion_mnist:
+        m = model(True)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        out["fashion"] = _fashion_torch(m, opt)
     return out
 
 
@@ -281,8 +375,9 @@ def run_worker(engine: str, threads: int, args) -> dict | None:
                MKL_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(threads),
            "--iters", str(args.iters), "--repeats", str(args.repeats),
-           "--batches", ",".join(map(str, args.batches))] + (["--googlenet"] if args.googlenet
-                                                             else [])
+           "--batches", ",".join(map(str, args.batches))]
+    cmd += ["--googlenet"] if args.googlenet else []
+    cmd += ["--fashion-mnist"] if args.fashion_mnist else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"[{engine}, {threads} thread(s)] failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -290,8 +385,25 @@ def run_worker(engine: str, threads: int, args) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(threads: int, ne: dict, pt: dict | None) -> None:
-    print(f"\n== {threads} thread(s) (OMP/OPENBLAS/MKL_NUM_THREADS={threads}) ==")
+def _median_results(runs: list[dict]) -> dict:
+    """Per-measure medians over several worker runs (rates, times, per-layer rows)."""
+    runs = [r for r in runs if r]
+    if len(runs) <= 1:
+        return runs[0] if runs else None
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)):
+            out[key] = statistics.median(r[key] for r in runs)
+        elif key == "layers":
+            out[key] = [(name, kind, statistics.median(r[key][i][2] for r in runs),
+                         statistics.median(r[key][i][3] for r in runs))
+                        for i, (name, kind, _, _) in enumerate(value)]
+    return out
+
+
+def report(threads: int, ne: dict, pt: dict | None, rounds: int) -> None:
+    print(f"\n== {threads} thread(s) (OMP/OPENBLAS/MKL_NUM_THREADS={threads}; medians of "
+          f"{rounds} round(s)) ==")
     print(f"{'measure':34s} {'netengine':>11s} {'torch':>11s} {'torch CL':>11s} {'ne/best':>8s}")
 
     def row(label, a, b, c, higher_better=True):
@@ -308,57 +420,93 @@ def report(threads: int, ne: dict, pt: dict | None) -> None:
         g("channels_last_infer_64"))
     row("latency ms, batch 1", ne["latency_1_ms"], g("default_latency_1_ms"),
         g("channels_last_latency_1_ms"), higher_better=False)
-    row("peak RSS MiB", ne["rss_mib"], g("rss_mib"), None if pt is None else g("rss_mib"),
+    row("peak RSS MiB (LeNet part)", ne["rss_mib"], g("rss_mib"), None if pt is None else g("rss_mib"),
         higher_better=False)
     if "googlenet_fwd_ms" in ne:
         row("GoogLeNet fwd ms, batch 8", ne["googlenet_fwd_ms"], g("googlenet_fwd_ms"),
             g("googlenet_fwd_ms"), higher_better=False)
         if pt and "googlenet_max_abs_diff" in pt:
             print(f"  (GoogLeNet outputs agree with torch to {pt['googlenet_max_abs_diff']:.2e})")
-    if 64 in args_global.batches:
-        epoch = 60000 / ne["train_64"]
-        print(f"Fashion-MNIST epoch (60,000 images, batch 64): {epoch:.1f} s "
-              "(from the batch-64 rate)")
+    if "train_64" in ne:
+        print(f"train batch 64 vs real Caffe ({CAFFE_IMAGES_S:,.0f} images/s): "
+              f"{ne['train_64'] / CAFFE_IMAGES_S:.2f}x")
+        best = max(g("default_train_64") or 0, g("channels_last_train_64") or 0)
+        print(f"Fashion-MNIST epoch estimate (60,000 images at the batch-64 rate): netengine "
+              f"{60000 / ne['train_64']:.1f} s" + (f", torch best {60000 / best:.1f} s"
+                                                   if best else ""))
+    for name, res in (("netengine", ne), ("torch CL", pt or {})):
+        if "fashion" in res:
+            f = res["fashion"]
+            print(f"Fashion-MNIST real epoch, {name}: {f['epoch_s']:.1f} s for {f['steps']} "
+                  f"steps of 64 ({f['steps'] * 64 / f['epoch_s']:,.0f} images/s), test "
+                  f"accuracy {100 * f['accuracy']:.1f}%")
     print("netengine per layer, batch 64 (ms):  forward  backward")
     for name, kind, f, b in ne["layers"]:
         print(f"  {name:10s} {kind:16s} {f:8.3f} {b:8.3f}")
+    total_f = sum(r[2] for r in ne["layers"])
+    total_b = sum(r[3] for r in ne["layers"])
+    print(f"  {'total':10s} {'':16s} {total_f:8.3f} {total_b:8.3f}")
+
+
+def _environment() -> None:
+    print(f"LeNet (batch 64: 0.84 GFLOP per train step), python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} CPUs")
+    try:
+        import numpy
+
+        line = f"numpy {numpy.__version__}"
+        try:
+            from threadpoolctl import threadpool_info
+
+            blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})"
+                    for i in threadpool_info() if i.get("user_api") == "blas"]
+            line += f", BLAS {', '.join(blas)}"
+        except ImportError:
+            pass
+        print(line + "; " + ", ".join(f"{k}={os.environ.get(k)}" for k in
+                                     ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")))
+    except ImportError:
+        pass
 
 
 def main(argv=None) -> None:
-    global args_global
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=["netengine", "torch"])
     parser.add_argument("--threads", type=str, default="1,2")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the two engines' workers this many times, alternating")
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")],
                         default=[16, 64, 256])
     parser.add_argument("--googlenet", action="store_true", help="also GoogLeNet forward, batch 8")
+    parser.add_argument("--fashion-mnist", action="store_true",
+                        help=f"also one real training epoch on {FASHION} (test accuracy too)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    args_global = args
     if args.worker:
         result = worker_netengine(args) if args.worker == "netengine" else worker_torch(args)
-        result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.setdefault("rss_mib", _peak_rss_mib())
         print(json.dumps(result))
         return
     if args.quick:
         args.threads, args.repeats, args.iters = "2", 5, 10
-    print(f"LeNet (batch 64: 0.84 GFLOP per train step), python {sys.version.split()[0]}")
-    try:
-        import numpy
-
-        print(f"numpy {numpy.__version__}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
-    except ImportError:
-        pass
+    if args.fashion_mnist and not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        print(f"no Fashion-MNIST in {FASHION} (apt-get install dataset-fashion-mnist); "
+              "skipping the real epoch")
+        args.fashion_mnist = False
+    _environment()
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
     for threads in [int(t) for t in str(args.threads).split(",")]:
-        ne = run_worker("netengine", threads, args)
-        pt = run_worker("torch", threads, args)
+        ne_runs, pt_runs = [], []
+        for _ in range(args.rounds):
+            ne_runs.append(run_worker("netengine", threads, args))
+            pt_runs.append(run_worker("torch", threads, args))
+        ne, pt = _median_results(ne_runs), _median_results(pt_runs)
         if ne:
-            report(threads, ne, pt)
+            report(threads, ne, pt, args.rounds)
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
-
-args_global = None
 
 if __name__ == "__main__":
     main()
