@@ -420,8 +420,8 @@ def report(threads: int, ne: dict, pt: dict | None, rounds: int) -> None:
         g("channels_last_infer_64"))
     row("latency ms, batch 1", ne["latency_1_ms"], g("default_latency_1_ms"),
         g("channels_last_latency_1_ms"), higher_better=False)
-    row("peak RSS MiB (LeNet part)", ne["rss_mib"], g("rss_mib"), None if pt is None else g("rss_mib"),
-        higher_better=False)
+    row("peak RSS MiB (LeNet part)", ne["rss_mib"], g("rss_mib"),
+        None if pt is None else g("rss_mib"), higher_better=False)
     if "googlenet_fwd_ms" in ne:
         row("GoogLeNet fwd ms, batch 8", ne["googlenet_fwd_ms"], g("googlenet_fwd_ms"),
             g("googlenet_fwd_ms"), higher_better=False)
