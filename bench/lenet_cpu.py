@@ -370,14 +370,14 @@ def _googlenet_torch(args) -> tuple[float, float]:
 
 
 # -- parent ----------------------------------------------------------------------------------------
-def run_worker(engine: str, threads: int, args) -> dict | None:
+def run_worker(engine: str, threads: int, args, extras: bool = True) -> dict | None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(threads),
            "--iters", str(args.iters), "--repeats", str(args.repeats),
            "--batches", ",".join(map(str, args.batches))]
-    cmd += ["--googlenet"] if args.googlenet else []
-    cmd += ["--fashion-mnist"] if args.fashion_mnist else []
+    cmd += ["--googlenet"] if args.googlenet and extras else []
+    cmd += ["--fashion-mnist"] if args.fashion_mnist and extras else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"[{engine}, {threads} thread(s)] failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -390,10 +390,12 @@ def _median_results(runs: list[dict]) -> dict:
     runs = [r for r in runs if r]
     if len(runs) <= 1:
         return runs[0] if runs else None
-    out = dict(runs[0])
+    out = {}
+    for run in reversed(runs):  # extras (only in some runs) kept as they are
+        out.update(run)
     for key, value in runs[0].items():
         if isinstance(value, (int, float)):
-            out[key] = statistics.median(r[key] for r in runs)
+            out[key] = statistics.median(r[key] for r in runs if key in r)
         elif key == "layers":
             out[key] = [(name, kind, statistics.median(r[key][i][2] for r in runs),
                          statistics.median(r[key][i][3] for r in runs))
@@ -499,9 +501,9 @@ def main(argv=None) -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     for threads in [int(t) for t in str(args.threads).split(",")]:
         ne_runs, pt_runs = [], []
-        for _ in range(args.rounds):
-            ne_runs.append(run_worker("netengine", threads, args))
-            pt_runs.append(run_worker("torch", threads, args))
+        for i in range(args.rounds):  # the slow extras (GoogLeNet, epoch) in round 1 only
+            ne_runs.append(run_worker("netengine", threads, args, extras=i == 0))
+            pt_runs.append(run_worker("torch", threads, args, extras=i == 0))
         ne, pt = _median_results(ne_runs), _median_results(pt_runs)
         if ne:
             report(threads, ne, pt, args.rounds)
