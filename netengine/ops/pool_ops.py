@@ -133,21 +133,52 @@ class Pool2d:
                 planes = self.tile_planes(x[part])
                 self._max_scan(planes.__getitem__, y[part], choice[part])
             return
+        # Other windows: (item, channel) planes in chunks of about TILE_CHUNK_BYTES, so the
+        # window copies and the scan work in cache.
         xp = self.xp
-        src = self.source(x, -np.inf)
-        view = self._buffer("view", self.shape[:2] + self.out_shape)
+        n, c, height, width = self.shape
+        oh, ow = self.out_shape
+        planes = (x.reshape(n * c, 1, height, width), y.reshape(n * c, 1, oh, ow),
+                  choice.reshape(n * c, 1, oh, ow))
+        per_plane = self.ext_h * self.ext_w * np.dtype(self.dtype).itemsize
+        step = max(1, min(n * c, TILE_CHUNK_BYTES // max(per_plane, 1)))
+        for start in range(0, n * c, step):
+            part = slice(start, min(start + step, n * c))
+            xs, ys, cs = (a[part] for a in planes)
+            src = xs if self.direct else self._chunk_source(xs, -np.inf, step)
+            view = self._flat("view", ys.size).reshape(ys.shape)
 
-        def values(k):  # one strided read, then contiguous ops
-            xp.copyto(view, self.window(src, self.offsets[k]))
-            return view
-        self._max_scan(values, y, choice)
+            def values(k, src=src, view=view):  # one strided read, then contiguous ops
+                xp.copyto(view, self.window(src, self.offsets[k]))
+                return view
+            self._max_scan(values, ys, cs)
+
+    def _flat(self, name: str, size: int, dtype=None):
+        """A kept flat work array of at least ``size`` values."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < size:
+            buf = self._bufs[name] = self.xp.empty(size, dtype=self.dtype if dtype is None
+                                                   else dtype)
+        return buf[:size]
+
+    def _chunk_source(self, xs, border: float, step: int):
+        """A chunk of planes (p, 1, H, W) copied into a kept buffer whose border holds
+        ``border`` (the border is filled once; only the interior is rewritten)."""
+        key = f"chunk{border}"
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = self.xp.empty((step, 1, self.ext_h, self.ext_w),
+                                                  dtype=self.dtype)
+            buf[...] = border
+        buf = buf[:xs.shape[0]]
+        buf[self._interior()] = xs
+        return buf
 
     def _max_scan(self, values, y, choice) -> None:
         """The strictly-greater scan over the window values ``values(k)`` (contiguous)."""
         xp = self.xp
-        mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
-        marks = self._buffer("marks", self.shape[:2] + self.out_shape, dtype=choice.dtype)
-        mask, marks = mask[:y.shape[0]], marks[:y.shape[0]]
+        mask = self._flat("scan_mask", y.size, bool).reshape(y.shape)
+        marks = self._flat("scan_marks", y.size, choice.dtype).reshape(y.shape)
         first = values(0)
         xp.fmax(first, -FLT_MAX, out=y)  # fmax: NaN and -inf give -FLT_MAX, the start value
         xp.greater(first, -FLT_MAX, out=mask)
