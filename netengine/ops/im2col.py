@@ -31,7 +31,7 @@ import itertools
 import math
 
 # Largest work buffer (in elements) one convolution keeps; bigger batches are chunked.
-COL_BUDGET = 1 << 23
+COL_BUDGET = 1 << 22  # 16 MiB of float32: larger column matrices fall out of the cache
 # Item-minor columns pay off when output rows are shorter than this and the batch is this big.
 ITEM_MINOR_MAX_WIDTH = 16
 ITEM_MINOR_MIN_ITEMS = 8
