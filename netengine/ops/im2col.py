@@ -220,7 +220,7 @@ class ConvGemm:
 
     def col2im(self, cols, dx) -> None:
         """dx (n, C_x, *S_x) = the columns folded back onto the image (overwrites dx)."""
-        n, d = dx.shape[0], len(self.kernel)
+        n = dx.shape[0]
         if self.item_minor:
             cols = cols.reshape((self.c_x, *self.kernel, *self.y_shape, n))
             first = 1
@@ -235,10 +235,31 @@ class ConvGemm:
         acc[...] = 0
         self._pad_state = None  # the border is no longer zero
         col2im_add(cols, acc, self.kernel, self.stride, self.dilation, self.y_shape, first)
-        src = acc[inner]
-        self.xp.copyto(dx, src.transpose((d + 1, *range(d + 1))) if self.item_minor else src)
+        if self.item_minor:
+            self._image_to_dx(acc, inner, dx)
+        else:
+            self.xp.copyto(dx, acc[inner])
 
     # -- products (one chunk) ----------------------------------------------------------------
+    def _items_first(self, src, dst, bias=None) -> None:
+        """dst (n, a, b) = src (a, b, n) with the item axis moved first (+ bias[a] if given),
+        in two copies with long runs: one copy gathering at stride n is ~1.6x slower."""
+        a, b, n = src.shape
+        tmp = self._buffer("items_first", (a, n, b))
+        self.xp.copyto(tmp, src.transpose(0, 2, 1))
+        if bias is None:
+            self.xp.copyto(dst, tmp.transpose(1, 0, 2))
+        else:
+            self.xp.add(tmp.transpose(1, 0, 2), bias.reshape(a, 1), out=dst)
+
+    def _image_to_dx(self, acc, inner, dx) -> None:
+        """dx (n, C, *S) = the image part of an item-minor accumulator (C, *S', n)."""
+        d, n = len(self.kernel), dx.shape[0]
+        if any(self.pad):
+            self.xp.copyto(dx, acc[inner].transpose((d + 1, *range(d + 1))))
+        else:
+            self._items_first(acc.reshape(self.c_x, -1, n), dx.reshape(n, self.c_x, -1))
+
     def _w3(self, w):
         g = self.group
         return w.reshape(g, self.c_y // g, -1)
@@ -281,12 +302,8 @@ class ConvGemm:
         else:
             xp.matmul(self._w3(w), cols.reshape(g, -1, self.p_size * n),
                       out=prod.reshape(g, self.c_y // g, -1))
-        src = prod.reshape(self.c_y, self.p_size, n).transpose(2, 0, 1)
-        dst = y.reshape(n, self.c_y, self.p_size)
-        if bias is None or fold:
-            xp.copyto(dst, src)
-        else:
-            xp.add(src, bias.reshape(self.c_y, 1), out=dst)
+        self._items_first(prod.reshape(self.c_y, self.p_size, n),
+                          y.reshape(n, self.c_y, self.p_size), None if fold else bias)
 
     def x_from_y(self, yop, w, dx) -> None:
         """dx (n, C_x, *S_x) = col2im(Wᵀ · y), ``yop`` from :meth:`y_operand`."""
@@ -319,7 +336,7 @@ class ConvGemm:
     def _col2im_offset_major(self, cols, dx) -> None:
         """col2im for item-minor columns whose rows run (kernel offset, channel), i.e.
         (*K, C_x, *S_y, n): one add of a contiguous block per kernel offset."""
-        n, d = dx.shape[0], len(self.kernel)
+        n = dx.shape[0]
         cols = cols.reshape((*self.kernel, self.c_x, *self.y_shape, n))
         acc, inner = self._image_buffer(n, any(self.pad))
         acc[...] = 0
@@ -328,7 +345,7 @@ class ConvGemm:
             window = tuple(slice(k * dl, k * dl + s * (o - 1) + 1, s) for k, s, dl, o in
                            zip(offset, self.stride, self.dilation, self.y_shape))
             acc[(slice(None), *window)] += cols[offset]
-        self.xp.copyto(dx, acc[inner].transpose((d + 1, *range(d + 1))))
+        self._image_to_dx(acc, inner, dx)
 
     def weight_grad(self, cols, yop, dw, db=None) -> None:
         """dw += Σ_items y · colsᵀ per group; with ``db`` (``cols`` carrying the ones row)
