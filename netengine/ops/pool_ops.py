@@ -243,10 +243,15 @@ class Pool2d:
         """dx = dy routed to the chosen kernel offsets (MAX, STOCHASTIC); overwrites dx."""
         xp = self.xp
         if self.tiles and dx.flags.c_contiguous and bool(choice.all()):
-            for part in self.tile_chunks():  # scatter by flat index, one chunk at a time
-                target = dx[part].reshape(-1)
-                target[...] = 0
-                target[self._tile_index(choice[part])] = dy[part].reshape(-1)
+            # Scatter by flat index: the indices for the whole batch in a few passes, then a
+            # zero fill and a scatter per chunk of items (each chunk of dx stays in cache).
+            index = self._tile_index(choice)
+            flat_dx, flat_dy = dx.reshape(-1), dy.reshape(-1)
+            per_in, per_out = dx[0].size, dy[0].size
+            for part in self.tile_chunks():
+                flat_dx[part.start * per_in:part.stop * per_in] = 0
+                out = slice(part.start * per_out, part.stop * per_out)
+                flat_dx[index[out]] = flat_dy[out]
             return
         acc = self._grad_target(dx)
         mask = self._buffer("mask", self.shape[:2] + self.out_shape, dtype=bool)
@@ -261,34 +266,31 @@ class Pool2d:
         self._finish(acc, dx)
 
     def _tile_index(self, choice):
-        """Tiles only: flat index, within its chunk of items, of each window's chosen cell.
+        """Tiles only: flat index into x of each window's chosen cell (choice >= 1).
 
         Offset number k = choice − 1 sits at row k // kw, column k % kw of its window, i.e.
         k + (k // kw)·(W − kw) cells after the window's first cell.
         """
         xp = self.xp
-        n, c = choice.shape[:2]
-        height, width = self.shape[2:]
-        count = choice.size
-        if self._bufs.get("origin_items", 0) < n:
+        if "origin" not in self._bufs:  # flat index of every window's first cell
+            n, c, height, width = self.shape
             oh, ow = self.out_shape
             plane = (xp.arange(oh).reshape(oh, 1) * (self.sh * width)
                      + xp.arange(ow).reshape(1, ow) * self.sw)
             origin = xp.arange(n * c).reshape(n * c, 1, 1) * (height * width) + plane
             self._bufs["origin"] = origin.reshape(-1).astype(xp.intp)
-            self._bufs["origin_items"] = n
-            self._bufs["index"] = xp.empty(count, dtype=xp.intp)
+            self._bufs["index"] = xp.empty(choice.size, dtype=xp.intp)
             span = (self.kh - 1) * width + self.kw
             small = xp.int16 if span < np.iinfo(np.int16).max else xp.int32
-            self._bufs["k"] = xp.empty(count, dtype=small)
-            self._bufs["row"] = xp.empty(count, dtype=small)
-        k, row = self._bufs["k"][:count], self._bufs["row"][:count]
-        index = self._bufs["index"][:count]
+            self._bufs["k"] = xp.empty(choice.size, dtype=small)
+            self._bufs["row"] = xp.empty(choice.size, dtype=small)
+        k, row, index = self._bufs["k"], self._bufs["row"], self._bufs["index"]
+        width = self.shape[3]
         xp.subtract(choice.reshape(-1), 1, out=k, casting="unsafe")
         xp.floor_divide(k, self.kw, out=row)
         xp.multiply(row, width - self.kw, out=row)
         xp.add(row, k, out=row)
-        xp.add(self._bufs["origin"][:count], row, out=index)
+        xp.add(self._bufs["origin"], row, out=index)
         return index
 
     def spread_backward(self, g, dx) -> None:
