@@ -74,6 +74,16 @@ def _class_axis(layer: Layer, blob: Blob, axis: int, field: str) -> int:
         raise layer.fail(f"{field}: {err}") from None
 
 
+def _outer_inner(layer: Layer, score: Blob, labels: Blob, axis: int) -> tuple[int, int]:
+    """Sizes before and after the class axis; one label per prediction is required."""
+    outer, inner = score.count_range(0, axis), score.count_range(axis + 1)
+    if labels.count != outer * inner:
+        raise layer.fail(f"number of labels must match the number of predictions: scores "
+                         f"{score.shape} with class axis {axis} need {outer * inner} labels, "
+                         f"got {labels.count}")
+    return outer, inner
+
+
 @register
 class Softmax(Layer):
     """y = exp(x - max) / Σ_c exp(x - max) along ``softmax_param.axis`` (default 1).
@@ -129,19 +139,13 @@ class SoftmaxWithLoss(LossLayer):
         score = bottom[0]
         self.axis = _class_axis(self, score, self.layer_param.softmax_param.axis,
                                 "softmax_param.axis")
-        self.outer = score.count_range(0, self.axis)
-        self.inner = score.count_range(self.axis + 1)
-        if bottom[1].count != self.outer * self.inner:
-            raise self.fail(f"number of labels must match the number of predictions: scores "
-                            f"{score.shape} with class axis {self.axis} need "
-                            f"{self.outer * self.inner} labels, got {bottom[1].count}")
+        self.outer, self.inner = _outer_inner(self, score, bottom[1], self.axis)
         if len(top) > 1:
             top[1].reshape(score.shape)
 
     def _simple(self, bottom: list[Blob]) -> bool:
-        """One label per row of scores and nothing ignored: the fast path (same values).
-        Subclasses (InfogainLoss) read the generic path's shapes, so they keep it."""
-        return type(self) is SoftmaxWithLoss and self.inner == 1 and self.ignore_label is None
+        """One label per row of scores and nothing ignored: the fast path (same values)."""
+        return self.inner == 1 and self.ignore_label is None
 
     def _forward_rows(self, bottom: list[Blob], top: list[Blob]) -> None:
         """compute_forward for (outer, C) scores without ignore_label, in kept buffers."""
@@ -486,12 +490,7 @@ class InfogainLoss(LossLayer):
         score = bottom[0]
         self.axis = _class_axis(self, score, self.layer_param.infogain_loss_param.axis,
                                 "infogain_loss_param.axis")
-        self.outer = score.count_range(0, self.axis)
-        self.inner = score.count_range(self.axis + 1)
-        if bottom[1].count != self.outer * self.inner:
-            raise self.fail(f"number of labels must match the number of predictions: scores "
-                            f"{score.shape} with class axis {self.axis} need "
-                            f"{self.outer * self.inner} labels, got {bottom[1].count}")
+        self.outer, self.inner = _outer_inner(self, score, bottom[1], self.axis)
         classes = score.shape[self.axis]
         matrix = bottom[2] if len(bottom) > 2 else self.matrix
         if matrix.count != classes * classes:
@@ -505,40 +504,7 @@ class InfogainLoss(LossLayer):
         classes = bottom[0].shape[self.axis]
         return matrix.data.reshape(classes, classes)
 
-    def _simple(self, bottom: list[Blob]) -> bool:
-        """One label per row of scores and nothing ignored: the fast path (same values).
-        Subclasses (InfogainLoss) read the generic path's shapes, so they keep it."""
-        return type(self) is SoftmaxWithLoss and self.inner == 1 and self.ignore_label is None
-
-    def _forward_rows(self, bottom: list[Blob], top: list[Blob]) -> None:
-        """compute_forward for (outer, C) scores without ignore_label, in kept buffers."""
-        xp = bottom[0].xp
-        x = bottom[0].data.reshape(self.outer, -1)
-        prob = getattr(self, "_prob_rows", None)
-        if prob is None or prob.shape != x.shape or prob.dtype != x.dtype or \
-                not isinstance(prob, type(x)):
-            prob = self._prob_rows = xp.empty_like(x)
-            self._rows = xp.arange(self.outer)
-        xp.subtract(x, x.max(axis=1, keepdims=True), out=prob)
-        xp.exp(prob, out=prob)
-        prob /= prob.sum(axis=1, keepdims=True)
-        labels = bottom[1].data.reshape(-1).astype(xp.intp)
-        classes = x.shape[1]
-        if bool(xp.any((labels < 0) | (labels >= classes))):
-            raise self.fail(f"labels must lie in [0, {classes}) (or equal ignore_label); got "
-                            f"values from {float(bottom[1].data.min())} to "
-                            f"{float(bottom[1].data.max())}")
-        log_p = xp.log(xp.maximum(prob[self._rows, labels], FLT_MIN))
-        self.normalizer = _normalizer(xp, self.normalization, self.outer, 1, self.outer,
-                                      prob.dtype)
-        top[0].data[...] = -log_p.sum() / self.normalizer
-        self.prob, self.labels = prob, labels
-        if len(top) > 1:
-            top[1].data[...] = prob.reshape(bottom[0].shape)
-
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
-        if self._simple(bottom):
-            return self._forward_rows(bottom, top)
         xp = bottom[0].xp
         classes = bottom[0].shape[self.axis]
         prob = _softmax(xp, bottom[0].data, self.axis).reshape(self.outer, classes, self.inner)
