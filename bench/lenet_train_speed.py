@@ -28,35 +28,11 @@ from netengine import backend  # noqa: E402
 from netengine.cli.time import layer_times  # noqa: E402
 from netengine.solver import SGDSolver  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lenet_cpu import LENET  # noqa: E402 - the one LeNet definition of the benchmarks
+
 GOLDEN_NET = REPO.parent / "shared" / "caffe-golden" / "cases" / "lenet_train.prototxt"
 
-LENET = """name: "LeNet"
-layer { name: "data" type: "Input" top: "data"
-  input_param { shape { dim: %(n)d dim: 1 dim: 28 dim: 28 } } }
-layer { name: "label" type: "Input" top: "label" input_param { shape { dim: %(n)d } } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 20 kernel_size: 5 stride: 1
-    weight_filler { type: "xavier" } bias_filler { type: "constant" } } }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
-  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  convolution_param { num_output: 50 kernel_size: 5 stride: 1
-    weight_filler { type: "xavier" } bias_filler { type: "constant" } } }
-layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
-  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  inner_product_param { num_output: 500
-    weight_filler { type: "xavier" } bias_filler { type: "constant" } } }
-layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
-layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
-  param { lr_mult: 1 } param { lr_mult: 2 }
-  inner_product_param { num_output: 10
-    weight_filler { type: "xavier" } bias_filler { type: "constant" } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
-"""
 
 SOLVER = """net: "%(net)s"
 base_lr: 0.01
