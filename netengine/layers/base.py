@@ -190,6 +190,20 @@ class Layer:
                 raise err.with_context(layer=self.name, layer_type=self.type) from None
         return blob
 
+    def setup_weight_and_bias(self, weight_shape: tuple, bias_shape: tuple | None,
+                              param) -> None:
+        """Create the weight (and bias) blobs from ``param``'s weight_filler/bias_filler, or
+        check the shapes of blobs given already (loaded or shared)."""
+        shapes = [tuple(weight_shape)] + ([tuple(bias_shape)] if bias_shape is not None else [])
+        if self.has_given_blobs(len(shapes)):
+            for name, blob, shape in zip(("weight", "bias"), self.blobs, shapes):
+                if blob.shape != shape:
+                    raise self.fail(f"incorrect {name} shape: expected {shape}, got {blob.shape}")
+            return
+        self.blobs = [self.make_blob(shapes[0], param.weight_filler)]
+        if bias_shape is not None:
+            self.blobs.append(self.make_blob(shapes[1], param.bias_filler))
+
     def has_given_blobs(self, count: int) -> bool:
         """True when blobs already exist (loaded or shared); checks their number."""
         if not self.blobs:

@@ -102,17 +102,8 @@ class _ConvBase(Layer):
 
     def _setup_weights(self, weight_shape: tuple) -> None:
         param = self.layer_param.convolution_param
-        shapes = [weight_shape]
-        if self.bias_term:
-            shapes.append((param.num_output,))
-        if self.has_given_blobs(len(shapes)):
-            for name, blob, shape in zip(("weight", "bias"), self.blobs, shapes):
-                if blob.shape != shape:
-                    raise self.fail(f"incorrect {name} shape: expected {shape}, got {blob.shape}")
-            return
-        self.blobs = [self.make_blob(weight_shape, param.weight_filler)]
-        if self.bias_term:
-            self.blobs.append(self.make_blob(shapes[1], param.bias_filler))
+        self.setup_weight_and_bias(weight_shape, (param.num_output,) if self.bias_term else None,
+                                   param)
 
     def _read_outputs(self) -> None:
         param = self.layer_param.convolution_param

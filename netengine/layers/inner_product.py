@@ -42,17 +42,8 @@ class InnerProduct(Layer):
         self.transpose = param.transpose
         self.axis = self._axis(bottom[0])
         self.k = bottom[0].count_range(self.axis)
-        shapes = [(self.k, self.num_output) if self.transpose else (self.num_output, self.k)]
-        if self.bias_term:
-            shapes.append((self.num_output,))
-        if self.has_given_blobs(len(shapes)):
-            for i, (blob, shape) in enumerate(zip(self.blobs, shapes)):
-                if blob.shape != shape:
-                    raise self.fail(f"learned blob {i} has shape {blob.shape}, expected {shape}")
-            return
-        self.blobs = [self.make_blob(shapes[0], param.weight_filler)]
-        if self.bias_term:
-            self.blobs.append(self.make_blob(shapes[1], param.bias_filler))
+        weight = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
+        self.setup_weight_and_bias(weight, (self.num_output,) if self.bias_term else None, param)
 
     def _axis(self, blob: Blob) -> int:
         try:
@@ -124,17 +115,8 @@ class Embed(Layer):
         self.num_output = param.num_output
         self.input_dim = param.input_dim
         self.bias_term = param.bias_term
-        shapes = [(self.input_dim, self.num_output)]
-        if self.bias_term:
-            shapes.append((self.num_output,))
-        if self.has_given_blobs(len(shapes)):
-            for i, (blob, shape) in enumerate(zip(self.blobs, shapes)):
-                if blob.shape != shape:
-                    raise self.fail(f"learned blob {i} has shape {blob.shape}, expected {shape}")
-            return
-        self.blobs = [self.make_blob(shapes[0], param.weight_filler)]
-        if self.bias_term:
-            self.blobs.append(self.make_blob(shapes[1], param.bias_filler))
+        self.setup_weight_and_bias((self.input_dim, self.num_output),
+                                   (self.num_output,) if self.bias_term else None, param)
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         top[0].reshape(bottom[0].shape + (self.num_output,))
