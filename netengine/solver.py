@@ -64,6 +64,7 @@ from netengine.errors import NetEngineError, SolverError
 from netengine.io import read_text_proto
 from netengine.logging_glog import at, fmt
 from netengine.net import Net
+from netengine.ops import jit
 from netengine.proto import caffe_pb2
 
 log = logging.getLogger("netengine.solver")
@@ -687,11 +688,16 @@ class SGDSolver(Solver):
         self.clip_gradients()
         momentum = self._s(p.momentum)
         scale = self._s(1.0) / self._s(p.iter_size) if p.iter_size > 1 else None
+        compiled = jit.enabled(np)
         for i, blob in enumerate(params):
             decay = self._s(self._s(p.weight_decay) * self._s(self.net.params_weight_decay[i]))
             lr = self.local_rate(i, rate)
             w, g = blob.data.reshape(-1), blob.diff.reshape(-1)
             h, tmp = self.history[i].data.reshape(-1), self._scratch[i][0].reshape(-1)
+            if compiled and jit.suitable(w, g, h):  # one pass per value, on Numba's threads
+                jit.sgd_update(w, g, h, self._s(1) if scale is None else scale, decay,
+                               p.regularization_type != "L2", momentum, lr)
+                continue
             for start in range(0, w.size, UPDATE_BLOCK):
                 part = slice(start, start + UPDATE_BLOCK)
                 wb, gb, hb, tb = w[part], g[part], h[part], tmp[part]

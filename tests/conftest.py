@@ -52,3 +52,28 @@ def xp(request):
     import cupy
 
     return cupy
+
+
+@pytest.fixture
+def numpy_path():
+    """Run the test with the compiled CPU loops (netengine.ops.jit) off: the NumPy code only."""
+    from netengine.ops import jit
+
+    saved = jit.enabled()
+    jit.set_enabled(False)
+    yield
+    jit.set_enabled(saved)
+
+
+@pytest.fixture(params=["numpy-only", "compiled"])
+def cpu_path(request):
+    """Run the test twice on the CPU: NumPy code only, and with the compiled loops (skipped
+    where Numba is not installed)."""
+    from netengine.ops import jit
+
+    if request.param == "compiled" and not jit.available():
+        pytest.skip("Numba is not installed (the fast extra)")
+    saved = jit.enabled()
+    jit.set_enabled(request.param == "compiled")
+    yield request.param
+    jit.set_enabled(saved)

@@ -289,7 +289,8 @@ def test_data_layers_feed_the_device(fake_gpu, monkeypatch):
 # -- static audit --------------------------------------------------------------------------------
 COMPUTE_METHODS = {"compute_forward", "compute_backward", "forward", "backward", "reshape"}
 PASS_METHODS = {"compute_forward", "compute_backward", "forward", "backward"}
-HOST_SIDE_FILES = {"data.py", "python_layer.py"}  # read files / call user code on the host
+HOST_SIDE_FILES = {"data.py", "python_layer.py",  # read files / call user code on the host
+                   "jit.py"}  # the Numba CPU loops: used only on NumPy arrays
 # (call prefix, why, where): where "all" = every compute method and every ops function,
 # "pass" = only the forward/backward passes (reshape may build host constants with NumPy).
 FORBIDDEN_CALLS = {
@@ -449,7 +450,7 @@ def _pool(shape, kernel, stride, pad, ceil_mode, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=str)
-def test_pooling_sources_match_pool_ops(geometry, dtype, build_dir):
+def test_pooling_sources_match_pool_ops(geometry, dtype, build_dir, numpy_path):
     shape, kernel, stride, pad, ceil_mode = geometry
     pool, out = _pool(shape, kernel, stride, pad, ceil_mode, dtype)
     n, c, h, w = shape

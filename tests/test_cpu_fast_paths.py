@@ -161,7 +161,8 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" 
 
 @pytest.mark.parametrize("extra", ["", "iter_size: 2", 'regularization_type: "L1"',
                                    "clip_gradients: 0.01"])
-def test_fused_sgd_update_is_bitwise_the_per_param_update(tmp_path, monkeypatch, extra):
+def test_fused_sgd_update_is_bitwise_the_per_param_update(tmp_path, monkeypatch, extra,
+                                                           cpu_path):
     import netengine.solver as solver_module
 
     monkeypatch.setattr(solver_module, "UPDATE_BLOCK", 7)  # many blocks, a ragged last one

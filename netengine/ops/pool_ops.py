@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from netengine.ops import jit
+
 FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's MAX init, whatever the dtype
 # Tiled MAX pooling works through the batch in item ranges of about this many input bytes.
 TILE_CHUNK_BYTES = 1 << 19
@@ -128,6 +130,9 @@ class Pool2d:
         any value above −FLT_MAX (e.g. one lying wholly past the image) gives −FLT_MAX.
         Since later offsets have larger numbers, ``choice = max(choice, (k+1)·taken)``.
         """
+        if self._pairs() and self._compiled(x, y, choice):
+            jit.max_pool_2x2(x, y, choice)
+            return
         if self.tiles:
             for part in self.tile_chunks():
                 planes = self.tile_planes(x[part])
@@ -152,6 +157,20 @@ class Pool2d:
                 xp.copyto(view, self.window(src, self.offsets[k]))
                 return view
             self._max_scan(values, ys, cs)
+
+    def _compiled(self, *arrays) -> bool:
+        """Whether the compiled loops (:mod:`netengine.ops.jit`) take these arrays."""
+        return jit.enabled(self.xp) and jit.suitable(*arrays)
+
+    def _pairs(self) -> bool:
+        """2x2 windows at stride 2, all inside the image (the compiled pair kernels)."""
+        height, width = self.shape[2:]
+        oh, ow = self.out_shape
+        return ((self.kh, self.kw, self.sh, self.sw, self.ph, self.pw) == (2, 2, 2, 2, 0, 0)
+                and 2 * oh <= height and 2 * ow <= width)
+
+    def _geometry(self) -> tuple:
+        return self.kh, self.kw, self.sh, self.sw, self.ph, self.pw
 
     def _flat(self, name: str, size: int, dtype=None):
         """A kept flat work array of at least ``size`` values."""
@@ -242,6 +261,12 @@ class Pool2d:
     def route_backward(self, dy, choice, dx) -> None:
         """dx = dy routed to the chosen kernel offsets (MAX, STOCHASTIC); overwrites dx."""
         xp = self.xp
+        if self._compiled(dy, choice, dx):
+            if self._pairs():
+                jit.max_pool_2x2_backward(dy, choice, dx)
+            else:
+                jit.max_pool_backward(dy, choice, dx, *self._geometry())
+            return
         if self.tiles and dx.flags.c_contiguous and bool(choice.all()):
             # Scatter by flat index: the indices for the whole batch in a few passes, then a
             # zero fill and a scatter per chunk of items (each chunk of dx stays in cache).

@@ -1,0 +1,86 @@
+"""The compiled CPU loops (netengine.ops.jit, Numba): each against the NumPy code it replaces.
+
+Skipped where Numba is not installed; the NumPy paths are covered by the rest of the suite
+(and by these tests' reference runs, which switch the compiled loops off).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from netengine.ops import jit
+from netengine.ops.pool_ops import Pool2d, pooled_size
+
+pytestmark = pytest.mark.skipif(not jit.available(), reason="Numba is not installed")
+
+def _with_jit(flag: bool, fn):
+    saved = jit._state["enabled"]
+    jit.set_enabled(flag)
+    try:
+        return fn()
+    finally:
+        jit.set_enabled(saved)
+
+
+def _pool(shape, kernel, stride, pad, ceil_mode, dtype=np.float32):
+    out = tuple(pooled_size(s, k, st, p, ceil_mode, any(pad))
+                for s, k, st, p in zip(shape[2:], kernel, stride, pad))
+    pool = Pool2d()
+    pool.configure(np, np.dtype(dtype), shape, kernel, stride, pad, out)
+    return pool, out
+
+
+def _max_pool_pass(geometry, x, dy, compiled: bool):
+    def run():
+        pool, out = _pool(*geometry, dtype=x.dtype)
+        y = np.empty(x.shape[:2] + out, x.dtype)
+        choice = np.empty(y.shape, pool.index_dtype())
+        pool.max_forward(x, y, choice)
+        dx = np.full_like(x, np.nan)
+        pool.route_backward(dy, choice, dx)
+        return y, choice, dx
+    return _with_jit(compiled, run)
+
+
+MAX_GEOMETRIES = [  # shape, kernel, stride, pad, ceil mode
+    ((3, 4, 8, 8), (2, 2), (2, 2), (0, 0), True),  # LeNet's tiles: the pair kernels
+    ((2, 3, 9, 7), (2, 2), (2, 2), (0, 0), False),  # pairs, the last row/column uncovered
+    ((2, 3, 9, 9), (3, 3), (2, 2), (1, 1), True),  # overlapping, padded: scatter kernel
+    ((2, 2, 7, 7), (3, 3), (2, 2), (0, 0), True),  # windows over the far edge
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", MAX_GEOMETRIES, ids=str)
+def test_compiled_max_pooling_matches_the_numpy_path(geometry, dtype):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=geometry[0]).astype(dtype)
+    x.reshape(-1)[::5] = x.reshape(-1)[0]  # ties: the first maximum wins
+    x.reshape(-1)[3::11] = np.nan  # never taken
+    x.reshape(-1)[7::13] = -np.inf
+    x[0, 0] = -np.inf  # a plane with no value above -FLT_MAX: choice 0, y = -FLT_MAX
+    pool, out = _pool(*geometry[:4], geometry[4], dtype)
+    dy = rng.normal(size=x.shape[:2] + out).astype(dtype)
+    want = _max_pool_pass(geometry, x, dy, compiled=False)
+    got = _max_pool_pass(geometry, x, dy, compiled=True)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert not (got[1][0, 0] != 0).any()
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("regularization", ["L2", "L1"])
+def test_compiled_sgd_update_is_bitwise_the_numpy_update(regularization):
+    rng = np.random.default_rng(11)
+    w, g, h = (rng.normal(size=1000).astype(np.float32) for _ in range(3))
+    w[:3] = (0.0, -0.0, np.nan)
+    f = np.float32
+    scale, decay, momentum, lr = f(0.5), f(5e-4), f(0.9), f(0.01)
+    wj, gj, hj = w.copy(), g.copy(), h.copy()
+    jit.sgd_update(wj, gj, hj, scale, decay, regularization == "L1", momentum, lr)
+    g = g * scale
+    g = g + (np.sign(w) * decay if regularization == "L1" else w * decay)
+    h = h * momentum + g * lr
+    np.testing.assert_array_equal(hj, h)
+    np.testing.assert_array_equal(gj, h)
+    np.testing.assert_array_equal(wj, w - h)
