@@ -469,6 +469,12 @@ def _environment() -> None:
                                      ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")))
     except ImportError:
         pass
+    sys.path.insert(0, str(REPO))
+    from netengine.ops import jit
+
+    state = "on" if jit.enabled() else ("off (NETENGINE_JIT=0)" if jit.available() else
+                                        "off (Numba not installed: pip install -e '.[fast]')")
+    print(f"netengine compiled CPU loops (Numba, pooling and SGD update): {state}")
 
 
 def main(argv=None) -> None:
