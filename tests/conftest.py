@@ -1,6 +1,7 @@
 """Shared test fixtures: the ../shared material and the array-module (backend) parameter."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +55,24 @@ def xp(request):
     return cupy
 
 
+@contextlib.contextmanager
+def jit_state(flag: bool):
+    """The compiled CPU loops (netengine.ops.jit) on or off inside the block, then as before."""
+    from netengine.ops import jit
+
+    saved = jit._state["enabled"]
+    jit.set_enabled(flag)
+    try:
+        yield
+    finally:
+        jit.set_enabled(saved)
+
+
 @pytest.fixture
 def numpy_path():
     """Run the test with the compiled CPU loops (netengine.ops.jit) off: the NumPy code only."""
-    from netengine.ops import jit
-
-    saved = jit.enabled()
-    jit.set_enabled(False)
-    yield
-    jit.set_enabled(saved)
+    with jit_state(False):
+        yield
 
 
 @pytest.fixture(params=["numpy-only", "compiled"])
@@ -73,7 +83,5 @@ def cpu_path(request):
 
     if request.param == "compiled" and not jit.available():
         pytest.skip("Numba is not installed (the fast extra)")
-    saved = jit.enabled()
-    jit.set_enabled(request.param == "compiled")
-    yield request.param
-    jit.set_enabled(saved)
+    with jit_state(request.param == "compiled"):
+        yield request.param

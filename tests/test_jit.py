@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import jit_state
 
 from netengine.ops import jit
 from netengine.ops.pool_ops import Pool2d, pooled_size
 
 pytestmark = pytest.mark.skipif(not jit.available(), reason="Numba is not installed")
-
-def _with_jit(flag: bool, fn):
-    saved = jit._state["enabled"]
-    jit.set_enabled(flag)
-    try:
-        return fn()
-    finally:
-        jit.set_enabled(saved)
-
 
 def _pool(shape, kernel, stride, pad, ceil_mode, dtype=np.float32):
     out = tuple(pooled_size(s, k, st, p, ceil_mode, any(pad))
@@ -31,15 +23,15 @@ def _pool(shape, kernel, stride, pad, ceil_mode, dtype=np.float32):
 
 
 def _max_pool_pass(geometry, x, dy, compiled: bool):
-    def run():
+    with jit_state(compiled):
         pool, out = _pool(*geometry, dtype=x.dtype)
         y = np.empty(x.shape[:2] + out, x.dtype)
         choice = np.empty(y.shape, pool.index_dtype())
+        assert pool._compiled(x, y, choice) == compiled  # the path under test really runs
         pool.max_forward(x, y, choice)
         dx = np.full_like(x, np.nan)
         pool.route_backward(dy, choice, dx)
         return y, choice, dx
-    return _with_jit(compiled, run)
 
 
 MAX_GEOMETRIES = [  # shape, kernel, stride, pad, ceil mode

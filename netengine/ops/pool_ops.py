@@ -64,6 +64,9 @@ class Pool2d:
         self.tiles = (self.direct and self.sh == self.kh and self.sw == self.kw
                       and oh * self.sh == height and ow * self.sw == width)
         self.offsets = [(i, j) for i in range(self.kh) for j in range(self.kw)]
+        # 2x2 windows at stride 2, all inside the image: the compiled pair kernels apply.
+        self.pairs = ((self.kh, self.kw, self.sh, self.sw, self.ph, self.pw) == (2, 2, 2, 2, 0, 0)
+                      and 2 * oh <= height and 2 * ow <= width)
         self._bufs = {}
 
     # -- buffers and views -------------------------------------------------------------------
@@ -130,7 +133,7 @@ class Pool2d:
         any value above −FLT_MAX (e.g. one lying wholly past the image) gives −FLT_MAX.
         Since later offsets have larger numbers, ``choice = max(choice, (k+1)·taken)``.
         """
-        if self._pairs() and self._compiled(x, y, choice):
+        if self.pairs and self._compiled(x, y, choice):
             jit.max_pool_2x2(x, y, choice)
             return
         if self.tiles:
@@ -161,13 +164,6 @@ class Pool2d:
     def _compiled(self, *arrays) -> bool:
         """Whether the compiled loops (:mod:`netengine.ops.jit`) take these arrays."""
         return jit.enabled(self.xp) and jit.suitable(*arrays)
-
-    def _pairs(self) -> bool:
-        """2x2 windows at stride 2, all inside the image (the compiled pair kernels)."""
-        height, width = self.shape[2:]
-        oh, ow = self.out_shape
-        return ((self.kh, self.kw, self.sh, self.sw, self.ph, self.pw) == (2, 2, 2, 2, 0, 0)
-                and 2 * oh <= height and 2 * ow <= width)
 
     def _geometry(self) -> tuple:
         return self.kh, self.kw, self.sh, self.sw, self.ph, self.pw
@@ -262,7 +258,7 @@ class Pool2d:
         """dx = dy routed to the chosen kernel offsets (MAX, STOCHASTIC); overwrites dx."""
         xp = self.xp
         if self._compiled(dy, choice, dx):
-            if self._pairs():
+            if self.pairs:
                 jit.max_pool_2x2_backward(dy, choice, dx)
             else:
                 jit.max_pool_backward(dy, choice, dx, *self._geometry())
