@@ -408,3 +408,18 @@ def test_accuracy_errors(xp):
     assert not layer.allow_force_backward(0)
     with pytest.raises(LayerError, match="back-propagate"):
         layer.backward(top, [True, False], bottom)
+
+
+@pytest.mark.parametrize("kind", ["HingeLoss", "MultinomialLogisticLoss"])
+def test_label_count_and_label_gradient_are_refused_in_one_line(kind):
+    layer = make_layer(f'name: "l" type: "{kind}"')
+    scores, labels = make_blobs([(4, 3), (4, 2)])
+    with pytest.raises(LayerError, match=r"one label per item: 4 items, got 8 labels") as err:
+        setup_layer(layer, [scores, labels])
+    assert "\n" not in str(err.value) and "'l'" in str(err.value)
+    scores, labels = make_blobs([(4, 3), (4,)])
+    labels.data[...] = [0, 1, 2, 0]
+    top = setup_layer(layer, [scores, labels])
+    layer.forward([scores, labels], top)
+    with pytest.raises(LayerError, match=r"cannot back-propagate to the labels \(bottom 1\)"):
+        layer.backward(top, [True, True], [scores, labels])

@@ -84,6 +84,18 @@ def _outer_inner(layer: Layer, score: Blob, labels: Blob, axis: int) -> tuple[in
     return outer, inner
 
 
+def _refuse_label_gradient(layer: Layer, propagate_down: list[bool]) -> None:
+    """Labels (bottom 1) get no gradient: asking for one is an error, as in Caffe."""
+    if propagate_down[1]:
+        raise layer.fail("cannot back-propagate to the labels (bottom 1)")
+
+
+def _check_one_label_per_item(layer: Layer, bottom: list[Blob]) -> None:
+    if bottom[1].count != bottom[0].shape[0]:
+        raise layer.fail(f"expects one label per item: {bottom[0].shape[0]} items, got "
+                         f"{bottom[1].count} labels")
+
+
 @register
 class Softmax(Layer):
     """y = exp(x - max) / Σ_c exp(x - max) along ``softmax_param.axis`` (default 1).
@@ -193,8 +205,7 @@ class SoftmaxWithLoss(LossLayer):
             top[1].data[...] = prob.reshape(bottom[0].shape)
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
-        if propagate_down[1]:
-            raise self.fail("cannot back-propagate to the labels (bottom 1)")
+        _refuse_label_gradient(self, propagate_down)
         if not propagate_down[0]:
             return
         xp = bottom[0].xp
@@ -308,9 +319,7 @@ class HingeLoss(LossLayer):
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         super().reshape(bottom, top)
-        if bottom[1].count != bottom[0].shape[0]:
-            raise self.fail(f"expects one label per item: {bottom[0].shape[0]} items, got "
-                            f"{bottom[1].count} labels")
+        _check_one_label_per_item(self, bottom)
 
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         xp = bottom[0].xp
@@ -326,8 +335,7 @@ class HingeLoss(LossLayer):
         top[0].data[...] = loss / num
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
-        if propagate_down[1]:
-            raise self.fail("cannot back-propagate to the labels (bottom 1)")
+        _refuse_label_gradient(self, propagate_down)
         if not propagate_down[0]:
             return
         xp = bottom[0].xp
@@ -352,9 +360,7 @@ class MultinomialLogisticLoss(LossLayer):
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         super().reshape(bottom, top)
-        if bottom[1].count != bottom[0].shape[0]:
-            raise self.fail(f"expects one label per item: {bottom[0].shape[0]} items, got "
-                            f"{bottom[1].count} labels")
+        _check_one_label_per_item(self, bottom)
 
     def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         xp = bottom[0].xp
@@ -366,8 +372,7 @@ class MultinomialLogisticLoss(LossLayer):
         top[0].data[...] = -xp.log(self.picked).sum() / num
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
-        if propagate_down[1]:
-            raise self.fail("cannot back-propagate to the labels (bottom 1)")
+        _refuse_label_gradient(self, propagate_down)
         if not propagate_down[0]:
             return
         xp = bottom[0].xp
@@ -521,8 +526,7 @@ class InfogainLoss(LossLayer):
             top[1].data[...] = prob.reshape(bottom[0].shape)
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
-        if propagate_down[1]:
-            raise self.fail("cannot back-propagate to the labels (bottom 1)")
+        _refuse_label_gradient(self, propagate_down)
         if len(propagate_down) > 2 and propagate_down[2]:
             raise self.fail("cannot back-propagate to the infogain matrix (bottom 2)")
         if not propagate_down[0]:
