@@ -76,3 +76,37 @@ def test_compiled_sgd_update_is_bitwise_the_numpy_update(regularization):
     np.testing.assert_array_equal(hj, h)
     np.testing.assert_array_equal(gj, h)
     np.testing.assert_array_equal(wj, w - h)
+
+
+CONV_GEOMETRIES = [  # x shape, c_y, kernel, stride, pad, dilation (item-minor layouts)
+    ((16, 20, 12, 12), 50, (5, 5), (1, 1), (0, 0), (1, 1)),  # LeNet's conv2
+    ((9, 3, 11, 10), 4, (3, 2), (2, 3), (1, 0), (1, 1)),  # strided, padded, odd sizes
+    ((8, 2, 9, 9), 3, (3, 3), (1, 1), (2, 2), (2, 2)),  # dilated
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=str)
+def test_compiled_col2im_is_bitwise_the_numpy_path(geometry, dtype, monkeypatch):
+    from netengine.ops.im2col import ConvGemm, conv_output_size
+
+    shape, c_y, kernel, stride, pad, dilation = geometry
+    out = tuple(conv_output_size(*a) for a in zip(shape[2:], kernel, stride, pad, dilation))
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(c_y, shape[1], *kernel)).astype(dtype)
+    dy = rng.normal(size=(shape[0], c_y, *out)).astype(dtype)
+    calls = []
+    kernel_fn = jit.col2im_offset_major
+    monkeypatch.setattr(jit, "col2im_offset_major",
+                        lambda *a: (calls.append(1), kernel_fn(*a)))
+    results = []
+    for compiled in (False, True):
+        with jit_state(compiled):
+            gemm = ConvGemm(kernel, stride, pad, dilation)
+            gemm.configure(np, np.dtype(dtype), shape[0], shape[1], shape[2:], c_y, out)
+            assert gemm.item_minor
+            dx = np.full(shape, np.nan, dtype)
+            gemm.conv_backward(None, dy, w, dx=dx)
+            results.append(dx)
+            assert len(calls) == compiled  # the path under test really ran
+    np.testing.assert_array_equal(results[1], results[0])

@@ -30,6 +30,8 @@ from __future__ import annotations
 import itertools
 import math
 
+from netengine.ops import jit
+
 # Largest work buffer (in elements) one convolution keeps; bigger batches are chunked.
 COL_BUDGET = 1 << 22  # 16 MiB of float32: larger column matrices fall out of the cache
 # Item-minor columns pay off when output rows are shorter than this and the batch is this big.
@@ -341,10 +343,13 @@ class ConvGemm:
         acc, inner = self._image_buffer(n, any(self.pad))
         acc[...] = 0
         self._pad_state = None  # the border is no longer zero
-        for offset in itertools.product(*(range(k) for k in self.kernel)):
-            window = tuple(slice(k * dl, k * dl + s * (o - 1) + 1, s) for k, s, dl, o in
-                           zip(offset, self.stride, self.dilation, self.y_shape))
-            acc[(slice(None), *window)] += cols[offset]
+        if len(self.kernel) == 2 and jit.enabled(self.xp) and jit.suitable(cols, acc):
+            jit.col2im_offset_major(cols, acc, *self.stride, *self.dilation)
+        else:
+            for offset in itertools.product(*(range(k) for k in self.kernel)):
+                window = tuple(slice(k * dl, k * dl + s * (o - 1) + 1, s) for k, s, dl, o in
+                               zip(offset, self.stride, self.dilation, self.y_shape))
+                acc[(slice(None), *window)] += cols[offset]
         self._image_to_dx(acc, inner, dx)
 
     def weight_grad(self, cols, yop, dw, db=None) -> None:

@@ -134,6 +134,24 @@ if numba is not None:
                         k -= 1
                         dx[i, c, a * sh - ph + k // kw, b * sw - pw + k % kw] += dy[i, c, a, b]
 
+    # -- convolution -------------------------------------------------------------------------
+    @_jit
+    def col2im_offset_major(cols, acc, sh, sw, dh, dw):  # pragma: no cover - compiled
+        """acc (C, H, W, n) += the item-minor columns folded back onto the image; ``cols``
+        (kh, kw, C, out_h, out_w, n) has its rows in (kernel offset, channel) order. Each cell
+        sums its terms in Caffe's col2im order (kernel row, then kernel column), as the
+        NumPy path's one add per kernel offset does, in one pass instead of 25."""
+        kh_n, kw_n, channels, oh_n, ow_n, n = cols.shape
+        for a in range(kh_n):
+            for b in range(kw_n):
+                for c in range(channels):
+                    for r in range(oh_n):
+                        ih = r * sh + a * dh
+                        for o in range(ow_n):
+                            iw = o * sw + b * dw
+                            for i in range(n):
+                                acc[c, ih, iw, i] += cols[a, b, c, r, o, i]
+
     # -- solver ------------------------------------------------------------------------------
     @_jit
     def sgd_update(w, g, h, scale, decay, l1, momentum, lr):  # pragma: no cover - compiled
