@@ -78,10 +78,14 @@ def test_compiled_sgd_update_is_bitwise_the_numpy_update(regularization):
     np.testing.assert_array_equal(wj, w - h)
 
 
-CONV_GEOMETRIES = [  # x shape, c_y, kernel, stride, pad, dilation (item-minor layouts)
-    ((16, 20, 12, 12), 50, (5, 5), (1, 1), (0, 0), (1, 1)),  # LeNet's conv2
+CONV_GEOMETRIES = [  # x shape, c_y, kernel, stride, pad, dilation
+    ((16, 20, 12, 12), 50, (5, 5), (1, 1), (0, 0), (1, 1)),  # LeNet's conv2: item-minor
     ((9, 3, 11, 10), 4, (3, 2), (2, 3), (1, 0), (1, 1)),  # strided, padded, odd sizes
     ((8, 2, 9, 9), 3, (3, 3), (1, 1), (2, 2), (2, 2)),  # dilated
+    ((2, 3, 20, 19), 4, (3, 3), (1, 1), (1, 1), (1, 1)),  # per-item: GoogLeNet-like 3x3
+    ((3, 2, 23, 21), 5, (7, 5), (2, 3), (3, 1), (1, 2)),  # per-item: strided, dilated
+    ((2, 2, 18, 18), 3, (5, 5), (1, 1), (0, 0), (1, 1)),  # per-item, no padding
+    ((2, 1, 17, 17), 2, (3, 3), (4, 4), (0, 0), (1, 1)),  # stride past the kernel: gaps
 ]
 
 
@@ -96,15 +100,14 @@ def test_compiled_col2im_is_bitwise_the_numpy_path(geometry, dtype, monkeypatch)
     w = rng.normal(size=(c_y, shape[1], *kernel)).astype(dtype)
     dy = rng.normal(size=(shape[0], c_y, *out)).astype(dtype)
     calls = []
-    kernel_fn = jit.col2im_offset_major
-    monkeypatch.setattr(jit, "col2im_offset_major",
-                        lambda *a: (calls.append(1), kernel_fn(*a)))
+    for name in ("col2im_offset_major", "col2im_planes"):
+        kernel_fn = getattr(jit, name)
+        monkeypatch.setattr(jit, name, lambda *a, f=kernel_fn: (calls.append(1), f(*a)))
     results = []
     for compiled in (False, True):
         with jit_state(compiled):
             gemm = ConvGemm(kernel, stride, pad, dilation)
             gemm.configure(np, np.dtype(dtype), shape[0], shape[1], shape[2:], c_y, out)
-            assert gemm.item_minor
             dx = np.full(shape, np.nan, dtype)
             gemm.conv_backward(None, dy, w, dx=dx)
             results.append(dx)

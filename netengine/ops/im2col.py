@@ -15,7 +15,8 @@ order). The whole chunk is built at once, in one of two layouts chosen per shape
 - im2col is one copy out of a strided window view of the (padded) input (no Python loop).
 - col2im is a loop over the K kernel offsets only; each step is one vectorised add. (The
   backward of an item-minor, one-group convolution orders its product's rows by kernel
-  offset first, so each add reads one contiguous block.)
+  offset first, so each add reads one contiguous block.) For 2-D kernels on NumPy with Numba
+  present it is one compiled pass instead (:mod:`netengine.ops.jit`), bitwise the same sums.
 - Work buffers live in :class:`ConvGemm` and are reallocated only when the shapes change.
 - 1x1 kernels with stride 1 and pad 0 skip im2col/col2im: the input is its own column matrix.
 - With a bias (and one group, columns built), the columns carry one extra row of ones and the
@@ -226,6 +227,10 @@ class ConvGemm:
         if self.item_minor:
             cols = cols.reshape((self.c_x, *self.kernel, *self.y_shape, n))
             first = 1
+        elif len(self.kernel) == 2 and jit.enabled(self.xp) and jit.suitable(cols, dx):
+            jit.col2im_planes(cols.reshape((n, self.c_x, *self.kernel, *self.y_shape)), dx,
+                              *self.stride, *self.pad, *self.dilation)
+            return
         else:
             cols = cols.reshape((n, self.c_x, *self.kernel, *self.y_shape))
             first = 2
