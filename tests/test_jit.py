@@ -113,3 +113,35 @@ def test_compiled_col2im_is_bitwise_the_numpy_path(geometry, dtype, monkeypatch)
             results.append(dx)
             assert len(calls) == compiled  # the path under test really ran
     np.testing.assert_array_equal(results[1], results[0])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=str)
+def test_compiled_im2col_is_bitwise_the_numpy_path(geometry, bias, monkeypatch):
+    from netengine.ops.im2col import ConvGemm, conv_output_size
+
+    shape, c_y, kernel, stride, pad, dilation = geometry
+    out = tuple(conv_output_size(*a) for a in zip(shape[2:], kernel, stride, pad, dilation))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape).astype(np.float32)
+    w = rng.normal(size=(c_y, shape[1], *kernel)).astype(np.float32)
+    b = rng.normal(size=c_y).astype(np.float32) if bias else None
+    calls = []
+    kernel_fn = jit.im2col_planes
+    monkeypatch.setattr(jit, "im2col_planes", lambda *a: (calls.append(1), kernel_fn(*a)))
+    results = []
+    for compiled in (False, True):
+        with jit_state(compiled):
+            gemm = ConvGemm(kernel, stride, pad, dilation)
+            gemm.configure(np, np.dtype(np.float32), shape[0], shape[1], shape[2:], c_y, out,
+                           bias=bias)
+            cols = gemm.im2col(x)
+            cols_copy = cols.copy()
+            gemm._buffer("cols", cols.shape)[...] = np.nan  # nothing stale may survive
+            gemm._ones_state = None
+            y = np.full((shape[0], c_y, *out), np.nan, np.float32)
+            gemm.conv(x, w, y, b)
+            results.append((cols_copy, y))
+            assert len(calls) == 2 * (compiled and not gemm.item_minor)  # the path ran
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])

@@ -16,7 +16,8 @@ order). The whole chunk is built at once, in one of two layouts chosen per shape
 - col2im is a loop over the K kernel offsets only; each step is one vectorised add. (The
   backward of an item-minor, one-group convolution orders its product's rows by kernel
   offset first, so each add reads one contiguous block.) For 2-D kernels on NumPy with Numba
-  present it is one compiled pass instead (:mod:`netengine.ops.jit`), bitwise the same sums.
+  present it is one compiled pass instead (:mod:`netengine.ops.jit`), bitwise the same sums;
+  so is the per-item im2col, which then reads the input without a zero-bordered copy.
 - Work buffers live in :class:`ConvGemm` and are reallocated only when the shapes change.
 - 1x1 kernels with stride 1 and pad 0 skip im2col/col2im: the input is its own column matrix.
 - With a bias (and one group, columns built), the columns carry one extra row of ones and the
@@ -215,10 +216,18 @@ class ConvGemm:
             target = cols[:self.k_rows] if self.item_minor else cols[:, :self.k_rows]
         else:
             cols = target = self._buffer("cols", self._cols_shape(n))
+        self.cols_owner = owner
+        if (not self.item_minor and len(self.kernel) == 2 and jit.enabled(self.xp)
+                and jit.suitable(x, cols)):
+            # Compiled, reading x in place (no zero-bordered copy). The item-minor layout has
+            # no compiled twin: its NumPy copy runs in 64-value stretches and a compiled one
+            # was no faster inside a LeNet step.
+            jit.im2col_planes(x, cols, *self.kernel, *self.stride, *self.pad, *self.dilation,
+                              *self.y_shape)
+            return cols
         view = window_view(self.xp, self._layout_input(x), self.kernel, self.stride,
                            self.dilation, self.y_shape, self.item_minor)
         self.xp.copyto(target.reshape(view.shape), view)
-        self.cols_owner = owner
         return cols
 
     def col2im(self, cols, dx) -> None:

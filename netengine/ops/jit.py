@@ -137,6 +137,43 @@ if numba is not None:
 
     # -- convolution -------------------------------------------------------------------------
     @_jit
+    def im2col_planes(x, cols, kh_n, kw_n, sh, sw, ph, pw, dh, dw, oh_n, ow_n):  # pragma: no cover
+        """Per-item columns: cols[i, (c, a, b), (r, o)] = x[i, c, r·sh − ph + a·dh,
+        o·sw − pw + b·dw], 0 in the padding; ``cols`` (n, rows ≥ C·kh·kw, out_h·out_w), rows
+        past C·kh·kw (the bias row) untouched. Reads x in place: no zero-bordered copy."""
+        n, channels, height, width = x.shape
+        lo, hi = np.empty(kw_n, np.int64), np.empty(kw_n, np.int64)
+        for b in range(kw_n):  # per kernel column: the output columns whose cell is inside
+            lo[b] = min(ow_n, max(0, -((b * dw - pw) // sw)))
+            hi[b] = max(lo[b], min(ow_n, (width - 1 + pw - b * dw) // sw + 1))
+        step, zero = numba.uint64(sw), cols.dtype.type(0)
+        for q in range(n * channels):
+            i, c = q // channels, q % channels
+            for a in range(kh_n):
+                for b in range(kw_n):
+                    row = (c * kh_n + a) * kw_n + b
+                    # Unsigned offsets: no negative-index wrap test, so the loops vectorise.
+                    first, last = numba.uint64(lo[b]), numba.uint64(hi[b])
+                    start = numba.uint64(lo[b] * sw + b * dw - pw)
+                    for r in range(oh_n):
+                        base = numba.uint64(r * ow_n)
+                        ih = r * sh - ph + a * dh
+                        if ih < 0 or ih >= height:
+                            first_r, last_r = numba.uint64(ow_n), numba.uint64(ow_n)
+                        else:
+                            first_r, last_r = first, last
+                        for o in range(first_r):
+                            cols[i, row, base + o] = zero
+                        if sw == 1:
+                            for o in range(last_r - first_r):
+                                cols[i, row, base + first_r + o] = x[i, c, ih, start + o]
+                        else:
+                            for o in range(last_r - first_r):
+                                cols[i, row, base + first_r + o] = x[i, c, ih, start + o * step]
+                        for o in range(last_r, ow_n):
+                            cols[i, row, base + o] = zero
+
+    @_jit
     def col2im_offset_major(cols, acc, sh, sw, dh, dw):  # pragma: no cover - compiled
         """acc (C, H, W, n) += the item-minor columns folded back onto the image; ``cols``
         (kh, kw, C, out_h, out_w, n) has its rows in (kernel offset, channel) order. Each cell
