@@ -474,7 +474,7 @@ def _environment() -> None:
 
     state = "on" if jit.enabled() else ("off (NETENGINE_JIT=0)" if jit.available() else
                                         "off (Numba not installed: pip install -e '.[fast]')")
-    print(f"netengine compiled CPU loops (Numba, pooling and SGD update): {state}")
+    print(f"netengine compiled CPU loops (Numba: pooling, im2col/col2im, SGD update): {state}")
 
 
 def main(argv=None) -> None:
