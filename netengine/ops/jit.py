@@ -1,8 +1,9 @@
 """Compiled CPU loops (Numba) for the data movement around the GEMMs.
 
 Optional: where Numba is installed (the ``fast`` extra) and the arrays are NumPy's, MAX
-pooling (LeNet's 2x2/2 windows forward, every window geometry backward), col2im (2-D
-convolution backward, deconvolution forward) and the SGD update run as compiled loops.
+pooling (LeNet's 2x2/2 windows forward, every window geometry backward), 2-D im2col (per
+item) and col2im (convolution backward, deconvolution forward) and the SGD update run as
+compiled loops.
 Without Numba the vectorised NumPy code in :mod:`netengine.ops.pool_ops`,
 :mod:`netengine.ops.im2col` and the solver computes the same formulas. ``NETENGINE_JIT=0``
 in the environment (or :func:`set_enabled`) turns the compiled loops off; the tests run both
