@@ -85,3 +85,15 @@ def cpu_path(request):
         pytest.skip("Numba is not installed (the fast extra)")
     with jit_state(request.param == "compiled"):
         yield request.param
+
+
+def serve(layer, top, count: int) -> list:
+    """``count`` forward passes of a source layer (no bottoms): each pass's two tops, copied
+    to the host."""
+    from netengine import backend
+
+    out = []
+    for _ in range(count):
+        layer.forward([], top)
+        out.append((backend.to_host(top[0].data).copy(), backend.to_host(top[1].data).copy()))
+    return out

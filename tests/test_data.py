@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serve
 
 from netengine import backend, datasets
 from netengine.blob import Blob
@@ -46,14 +47,6 @@ def data_layer(source: str, batch: int = 4, extra: str = "", transform: str = ""
     top = tops(num_tops, xp)
     layer.setup([], top)
     return layer, top
-
-
-def serve(layer, top, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    out = []
-    for _ in range(count):
-        layer.forward([], top)
-        out.append((backend.to_host(top[0].data).copy(), backend.to_host(top[1].data).copy()))
-    return out
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import serve
 
 from netengine import backend, datasets
 from netengine.blob import Blob
@@ -19,14 +20,6 @@ H, W = 6, 8
 def tops(xp=np) -> list[Blob]:
     """Two float64 tops on ``xp`` (None: the current mode's array module)."""
     return [Blob((), dtype=np.float64, xp=xp) for _ in range(2)]
-
-
-def serve(layer, top, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    out = []
-    for _ in range(count):
-        layer.forward([], top)
-        out.append((backend.to_host(top[0].data).copy(), backend.to_host(top[1].data).copy()))
-    return out
 
 
 def save_rgb(path, rgb: np.ndarray) -> None:
@@ -49,16 +42,22 @@ def image_list(tmp_path):
     return tmp_path / "list.txt", np.stack(bgr)
 
 
-def image_layer(source, batch=2, extra="", transform="", phase=TRAIN, seed=1701, xp=np,
-                prefetch=0):
+def source_layer(kind, source, batch, extra, transform, phase, seed, xp, prefetch):
+    """An ImageData or WindowData layer (``kind``) set up on two fresh tops."""
     backend.set_random_seed(seed)
-    layer = make_layer(f'name: "images" type: "ImageData" top: "data" top: "label" '
+    name, field = {"ImageData": ("images", "image_data_param"),
+                   "WindowData": ("windows", "window_data_param")}[kind]
+    layer = make_layer(f'name: "{name}" type: "{kind}" top: "data" top: "label" '
                        f'transform_param {{ {transform} }} data_param {{ prefetch: {prefetch} }} '
-                       f'image_data_param {{ source: "{source}" batch_size: {batch} {extra} }}',
-                       phase)
+                       f'{field} {{ source: "{source}" batch_size: {batch} {extra} }}', phase)
     top = tops(xp)
     layer.setup([], top)
     return layer, top
+
+
+def image_layer(source, batch=2, extra="", transform="", phase=TRAIN, seed=1701, xp=np,
+                prefetch=0):
+    return source_layer("ImageData", source, batch, extra, transform, phase, seed, xp, prefetch)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -267,14 +266,7 @@ def window_file(tmp_path):
 
 def window_layer(source, batch=8, extra="", transform="crop_size: 4", seed=3, prefetch=0,
                  xp=np):
-    backend.set_random_seed(seed)
-    layer = make_layer(f'name: "windows" type: "WindowData" top: "data" top: "label" '
-                       f'transform_param {{ {transform} }} data_param {{ prefetch: {prefetch} }} '
-                       f'window_data_param {{ source: "{source}" batch_size: {batch} {extra} }}',
-                       TRAIN)
-    top = tops(xp)
-    layer.setup([], top)
-    return layer, top
+    return source_layer("WindowData", source, batch, extra, transform, TRAIN, seed, xp, prefetch)
 
 
 def test_window_data_shapes_and_fg_bg_proportions(window_file):

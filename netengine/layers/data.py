@@ -164,6 +164,19 @@ def _resolve(layer: Layer, what: str, path: str, gz: bool = True,
     return found
 
 
+def _image_source(layer: Layer, field: str, param) -> Path:
+    """The checks ImageData and WindowData share: their text source (found), Pillow present,
+    a positive batch_size."""
+    source = _resolve(layer, f"{field}.source", param.source, gz=False)
+    try:
+        datasets.import_pillow()
+    except NetEngineError as err:
+        raise layer.fail(err.message) from None
+    if param.batch_size <= 0:
+        raise layer.fail(f"{field}.batch_size must be positive")
+    return source
+
+
 @register
 class Data(Layer):
     """Caffe's Data layer: batches of records → data (N, C, H, W) and optional label (N,).
@@ -717,13 +730,7 @@ class ImageData(Data):
 
     def layer_setup(self, bottom, top: list[Blob]) -> None:
         p = self.layer_param.image_data_param
-        listing = _resolve(self, "image_data_param.source", p.source, gz=False)
-        try:
-            datasets.import_pillow()
-        except NetEngineError as err:
-            raise self.fail(err.message) from None
-        if p.batch_size <= 0:
-            raise self.fail("image_data_param.batch_size must be positive")
+        listing = _image_source(self, "image_data_param", p)
         if (p.new_height > 0) != (p.new_width > 0):
             raise self.fail(f"image_data_param: set new_height and new_width together (both 0 = "
                             f"no resize), got {p.new_height} x {p.new_width}")
@@ -840,13 +847,7 @@ class WindowData(Data):
 
     def layer_setup(self, bottom, top: list[Blob]) -> None:
         p = self.layer_param.window_data_param
-        source = _resolve(self, "window_data_param.source", p.source, gz=False)
-        try:
-            datasets.import_pillow()
-        except NetEngineError as err:
-            raise self.fail(err.message) from None
-        if p.batch_size <= 0:
-            raise self.fail("window_data_param.batch_size must be positive")
+        source = _image_source(self, "window_data_param", p)
         if p.crop_mode not in ("warp", "square"):
             raise self.fail(f"window_data_param.crop_mode must be 'warp' or 'square', "
                             f"got '{p.crop_mode}'")

@@ -201,6 +201,10 @@ class ConvGemm:
         self.xp.copyto(buf[inner], src)
         return buf
 
+    def _compiled(self, *arrays) -> bool:
+        """Whether the compiled 2-D im2col/col2im loops (netengine.ops.jit) serve these."""
+        return len(self.kernel) == 2 and jit.enabled(self.xp) and jit.suitable(*arrays)
+
     # -- im2col / col2im (one chunk) ---------------------------------------------------------
     def im2col(self, x, owner=None, out=None):
         """Columns of x (n, C_x, *S_x): (n, C_x·K, P) or, item-minor, (C_x·K, P·n). Written
@@ -217,8 +221,7 @@ class ConvGemm:
         else:
             cols = target = self._buffer("cols", self._cols_shape(n))
         self.cols_owner = owner
-        if (not self.item_minor and len(self.kernel) == 2 and jit.enabled(self.xp)
-                and jit.suitable(x, cols)):
+        if not self.item_minor and self._compiled(x, cols):
             # Compiled, reading x in place (no zero-bordered copy). The item-minor layout has
             # no compiled twin: its NumPy copy runs in 64-value stretches and a compiled one
             # was no faster inside a LeNet step.
@@ -236,7 +239,7 @@ class ConvGemm:
         if self.item_minor:
             cols = cols.reshape((self.c_x, *self.kernel, *self.y_shape, n))
             first = 1
-        elif len(self.kernel) == 2 and jit.enabled(self.xp) and jit.suitable(cols, dx):
+        elif self._compiled(cols, dx):
             jit.col2im_planes(cols.reshape((n, self.c_x, *self.kernel, *self.y_shape)), dx,
                               *self.stride, *self.pad, *self.dilation)
             return
@@ -357,7 +360,7 @@ class ConvGemm:
         acc, inner = self._image_buffer(n, any(self.pad))
         acc[...] = 0
         self._pad_state = None  # the border is no longer zero
-        if len(self.kernel) == 2 and jit.enabled(self.xp) and jit.suitable(cols, acc):
+        if self._compiled(cols, acc):
             jit.col2im_offset_major(cols, acc, *self.stride, *self.dilation)
         else:
             for offset in itertools.product(*(range(k) for k in self.kernel)):

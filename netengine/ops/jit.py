@@ -139,15 +139,22 @@ if numba is not None:
 
     # -- convolution -------------------------------------------------------------------------
     @_jit
+    def _inside_columns(kw_n, ow_n, width, sw, pw, dw):  # pragma: no cover - compiled
+        """Per kernel column b: the output columns [lo[b], hi[b]) whose input cell
+        o·sw − pw + b·dw lies inside the image (lo ≤ hi; empty ranges have lo == hi)."""
+        lo, hi = np.empty(kw_n, np.int64), np.empty(kw_n, np.int64)
+        for b in range(kw_n):
+            lo[b] = min(ow_n, max(0, -((b * dw - pw) // sw)))
+            hi[b] = max(lo[b], min(ow_n, (width - 1 + pw - b * dw) // sw + 1))
+        return lo, hi
+
+    @_jit
     def im2col_planes(x, cols, kh_n, kw_n, sh, sw, ph, pw, dh, dw, oh_n, ow_n):  # pragma: no cover
         """Per-item columns: cols[i, (c, a, b), (r, o)] = x[i, c, r·sh − ph + a·dh,
         o·sw − pw + b·dw], 0 in the padding; ``cols`` (n, rows ≥ C·kh·kw, out_h·out_w), rows
         past C·kh·kw (the bias row) untouched. Reads x in place: no zero-bordered copy."""
         n, channels, height, width = x.shape
-        lo, hi = np.empty(kw_n, np.int64), np.empty(kw_n, np.int64)
-        for b in range(kw_n):  # per kernel column: the output columns whose cell is inside
-            lo[b] = min(ow_n, max(0, -((b * dw - pw) // sw)))
-            hi[b] = max(lo[b], min(ow_n, (width - 1 + pw - b * dw) // sw + 1))
+        lo, hi = _inside_columns(kw_n, ow_n, width, sw, pw, dw)
         step, zero = numba.uint64(sw), cols.dtype.type(0)
         for q in range(n * channels):
             i, c = q // channels, q % channels
@@ -200,10 +207,7 @@ if numba is not None:
         row, then kernel column), as the NumPy path's one add per kernel offset does."""
         n, channels, kh_n, kw_n, oh_n, ow_n = cols.shape
         height, width = dx.shape[2], dx.shape[3]
-        lo, hi = np.empty(kw_n, np.int64), np.empty(kw_n, np.int64)
-        for b in range(kw_n):  # per kernel column: the output columns whose cell is inside
-            lo[b] = max(0, -((b * dw - pw) // sw))
-            hi[b] = min(ow_n, (width - 1 + pw - b * dw) // sw + 1)
+        lo, hi = _inside_columns(kw_n, ow_n, width, sw, pw, dw)
         step = numba.uint64(sw)
         for q in range(n * channels):
             i, c = q // channels, q % channels
