@@ -24,4 +24,16 @@ def __getattr__(name: str):
         from netengine import solver
 
         return getattr(solver, name)
+    if name in ("NetSpec", "params", "to_proto"):  # pycaffe's net_spec names
+        from netengine import netspec
+
+        return getattr(netspec, name)
+    if name == "Classifier":
+        from netengine.classifier import Classifier
+
+        return Classifier
+    if name == "Layer":  # pycaffe's Python-layer base class
+        from netengine.layers.python_layer import PythonLayerBase
+
+        return PythonLayerBase
     raise AttributeError(f"module 'netengine' has no attribute '{name}'")

@@ -61,6 +61,19 @@ class Blob:
             raise IndexError(f"axis {axis} out of range for a {n}-axis blob of shape {self._shape}")
         return axis + n if axis < 0 else axis
 
+    def legacy_shape(self, axis: int) -> int:
+        """Caffe's LegacyShape(axis): axes past the blob's own count read as 1."""
+        if len(self._shape) > 4:
+            raise ValueError(f"num/channels/height/width need at most 4 axes, "
+                             f"shape is {self._shape}")
+        return self._shape[axis] if axis < len(self._shape) else 1
+
+    # pycaffe's 4-D accessors (blob.num, blob.channels, blob.height, blob.width)
+    num = property(lambda self: self.legacy_shape(0))
+    channels = property(lambda self: self.legacy_shape(1))
+    height = property(lambda self: self.legacy_shape(2))
+    width = property(lambda self: self.legacy_shape(3))
+
     def shape_string(self) -> str:
         return " ".join(str(d) for d in self._shape) + f" ({self._count})"
 

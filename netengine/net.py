@@ -176,24 +176,44 @@ def blob_to_proto(blob: Blob, write_diff: bool = False):
 
 
 # -- the Net ------------------------------------------------------------------------------------
+def _batch_slice(value, start: int, batch: int) -> np.ndarray:
+    """Items [start, start + batch) of ``value`` on the host, zero-padded to a full batch as
+    pycaffe pads the last one."""
+    part = np.asarray(value[start:start + batch])
+    if len(part) < batch:
+        pad = np.zeros((batch - len(part),) + part.shape[1:], part.dtype)
+        part = np.concatenate([part, pad])
+    return part
+
+
 class Net:
-    """A Caffe net: ``Net(prototxt, phase, weights=None, level=0, stages=())``.
+    """A Caffe net: ``Net(prototxt, phase, level=0, stages=None, weights=None)`` (pycaffe's
+    order; pycaffe's older ``Net(prototxt, weights, phase)`` and ``Net(prototxt, phase,
+    weights)`` work too).
 
     pycaffe-shaped: ``blobs``, ``params``, ``layers``, ``layer_dict``, ``inputs``, ``outputs``,
     ``top_names``, ``bottom_names``, ``forward``, ``backward``, ``copy_from``, ``save``.
     """
 
-    def __init__(self, network, phase=None, weights: str | None = None, level: int = 0,
-                 stages: Iterable[str] = (), *, dtype=np.float32,
-                 input_shapes: dict | None = None) -> None:
+    def __init__(self, network, phase=None, level: int = 0,
+                 stages: Iterable[str] | None = None, weights: str | None = None, *,
+                 dtype=np.float32, input_shapes: dict | None = None) -> None:
         if isinstance(phase, (str, os.PathLike)):  # pycaffe's old Net(file, weights, phase)
-            phase, weights = weights, phase
+            phase, weights, level = level, phase, 0
+        elif isinstance(level, (str, os.PathLike)):  # Net(file, phase, weights)
+            level, weights = 0, level
+        if not isinstance(network, (str, os.PathLike, caffe_pb2.NetParameter)):
+            raise NetEngineError(f"Net needs a prototxt path or a NetParameter, got "
+                                 f"{type(network).__name__}")
+        if phase is not None and phase not in (TRAIN, TEST):
+            raise NetEngineError(f"phase must be caffe.TRAIN ({TRAIN}) or caffe.TEST ({TEST}), "
+                                 f"got {phase!r}")
         self.phase = TEST if phase is None else int(phase)
         self.dtype = np.dtype(dtype)
         self.input_shapes = dict(input_shapes or {})  # stand-ins for data layers' tops
         self._callbacks: dict[str, list[Callable[[int], None]]] = {
             "before_forward": [], "after_forward": [], "before_backward": [], "after_backward": []}
-        self._build(network, level, tuple(stages))
+        self._build(network, int(level), tuple(stages or ()))
         if weights:
             self.copy_from(weights)
 
@@ -289,7 +309,7 @@ class Net:
         self.top_ids: list[list[str]] = []
         self.bottom_need_backward: list[list[bool]] = []
         self.layer_need_backward: list[bool] = []
-        self.blob_loss_weights: dict[str, float] = {}
+        self._loss_weights: dict[str, float] = {}
         self.inputs: list[str] = []
         available: set[str] = set()
         for i, layer in enumerate(self.layers):
@@ -352,7 +372,7 @@ class Net:
             layer.param_propagate_down[k] = learn
         for j, name in enumerate(top_names):
             if layer.loss_weights and layer.loss_weights[j]:
-                self.blob_loss_weights[name] = layer.loss_weights[j]
+                self._loss_weights[name] = layer.loss_weights[j]
             if need_backward:
                 self._blob_need_backward[name] = True
         self.bottom_need_backward.append(needs)
@@ -463,6 +483,17 @@ class Net:
         return OrderedDict((layer.name, layer.blobs) for layer in self.layers if layer.blobs)
 
     @property
+    def blob_loss_weights(self) -> OrderedDict[str, float]:
+        """Every blob's loss weight, 0 for blobs that are not losses (pycaffe)."""
+        return OrderedDict((name, self._loss_weights.get(name, 0.0)) for name in self._blobs)
+
+    # pycaffe's list-shaped twins of the dict views
+    _blob_names = property(lambda self: list(self._blobs))
+    _blob_loss_weights = property(lambda self: list(self.blob_loss_weights.values()))
+    _inputs = property(lambda self: list(self.inputs))
+    _outputs = property(lambda self: list(self.outputs))
+
+    @property
     def layer_dict(self) -> OrderedDict[str, Layer]:
         return OrderedDict(zip(self._layer_names, self.layers))
 
@@ -555,9 +586,16 @@ class Net:
 
     def backward(self, diffs: Iterable[str] | None = None, start: str | None = None,
                  end: str | None = None, **top_diffs) -> dict:
-        """Run backward (from ``start`` down to ``end``); returns {input name: diff}."""
+        """Run backward (from ``start`` down to ``end``); returns {input name: diff}.
+        ``top_diffs`` set output blobs' diffs first (same shape as the blob)."""
         for name, value in top_diffs.items():
+            if name not in self.outputs:
+                raise NetEngineError(f"backward({name}=...): '{name}' is not an output of this "
+                                     f"net (outputs: {', '.join(self.outputs) or 'none'})")
             blob = self._blobs[name]
+            if tuple(np.shape(value)) != blob.shape:
+                raise NetEngineError(f"backward({name}=...): diff shape {tuple(np.shape(value))} "
+                                     f"does not match blob '{name}' of shape {blob.shape}")
             blob.diff[...] = backend.to_module(np.asarray(value), blob.xp) \
                 if blob.xp is np else value
         first = self._index(start, len(self.layers) - 1)
@@ -575,13 +613,7 @@ class Net:
         batch = self._blobs[next(iter(inputs))].shape[0]
         pieces: dict[str, list] = {}
         for start in range(0, total, batch):
-            chunk = {}
-            for name, value in inputs.items():
-                part = np.asarray(value[start:start + batch])
-                if len(part) < batch:  # pad the last batch, as pycaffe does
-                    pad = np.zeros((batch - len(part),) + part.shape[1:], part.dtype)
-                    part = np.concatenate([part, pad])
-                chunk[name] = part
+            chunk = {name: _batch_slice(value, start, batch) for name, value in inputs.items()}
             for name, value in self.forward(blobs, **chunk).items():
                 pieces.setdefault(name, []).append(backend.to_host(value).copy())
         return {name: np.concatenate(parts)[:total] for name, parts in pieces.items()}
@@ -599,6 +631,47 @@ class Net:
         loss = self.forward_from_to(0, len(self.layers) - 1)
         self.backward_from_to(len(self.layers) - 1, 0)
         return loss
+
+    def forward_backward_all(self, blobs: Iterable[str] | None = None,
+                             diffs: Iterable[str] | None = None, **kwargs) -> tuple[dict, dict]:
+        """pycaffe's batched forward then backward: ``kwargs`` hold inputs (forward) and
+        output diffs (backward), all with the same number of items; returns (outputs,
+        input diffs) as host arrays over every item."""
+        fwd_in = {k: v for k, v in kwargs.items() if k in self.inputs}
+        bwd_in = {k: v for k, v in kwargs.items() if k not in self.inputs}
+        total = len(next(iter(kwargs.values()))) if kwargs else 0
+        batch = self._blobs[self.inputs[0]].shape[0] if self.inputs else total
+        outs: dict[str, list] = {}
+        grads: dict[str, list] = {}
+        for start in range(0, max(total, 1), max(batch, 1)):
+            chunk = {k: _batch_slice(v, start, batch) for k, v in fwd_in.items()}
+            for name, value in self.forward(blobs, **chunk).items():
+                outs.setdefault(name, []).append(backend.to_host(value).copy())
+            chunk = {k: _batch_slice(v, start, batch) for k, v in bwd_in.items()}
+            for name, value in self.backward(diffs, **chunk).items():
+                grads.setdefault(name, []).append(backend.to_host(value).copy())
+        n = total or None
+        return ({k: np.concatenate(v)[:n] for k, v in outs.items()},
+                {k: np.concatenate(v)[:n] for k, v in grads.items()})
+
+    def share_with(self, other: Net) -> None:
+        """Use ``other``'s learned blobs' storage for the layers of the same name (Caffe's
+        ShareTrainedLayersWith: a test net following its train net, no copies)."""
+        source = other.layer_dict
+        for layer in self.layers:
+            owner_layer = source.get(layer.name)
+            if owner_layer is None or not layer.blobs:
+                continue
+            if len(layer.blobs) != len(owner_layer.blobs):
+                raise NetEngineError(f"layer '{layer.name}' has {len(layer.blobs)} learned "
+                                     f"blobs in this net but {len(owner_layer.blobs)} in the "
+                                     "net it shares with")
+            for j, (blob, owner) in enumerate(zip(layer.blobs, owner_layer.blobs)):
+                if blob.shape != owner.shape:
+                    raise NetEngineError(f"cannot share param {j} of layer '{layer.name}': "
+                                         f"shape {owner.shape} in the net shared with, "
+                                         f"{blob.shape} here")
+                blob.share_data(owner)
 
     def reshape(self) -> None:
         for i, layer in enumerate(self.layers):

@@ -273,6 +273,11 @@ def _net_proto(assigned, name: str | None = None) -> caffe_pb2.NetParameter:
     return net
 
 
+def to_proto(*tops: Top) -> caffe_pb2.NetParameter:
+    """pycaffe's ``to_proto(*tops)``: a NetParameter with these tops' layers and ancestors."""
+    return _net_proto([(None, top) for top in tops])
+
+
 class NetSpec:
     """Named tops, assigned as attributes (``n.conv1 = layers.Convolution(...)``)."""
 
@@ -357,4 +362,4 @@ layers = _Layers()
 params = _Params()
 
 __all__ = ["TEST", "TRAIN", "LayerSpec", "NetSpec", "NetSpecError", "Top", "layers", "params",
-           "param_name_dict", "param_fields", "assign"]
+           "param_name_dict", "param_fields", "assign", "to_proto"]

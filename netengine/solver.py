@@ -290,20 +290,11 @@ class Solver:
     def _share_trained_layers(self, test_net: Net) -> None:
         """Make the test net's learned blobs use the train net's storage, by layer name
         (Caffe's ShareTrainedLayersWith, done once: no copies before each test)."""
-        train = self.net.layer_dict
-        for layer in test_net.layers:
-            source = train.get(layer.name)
-            if source is None or not layer.blobs:
-                continue
-            if len(layer.blobs) != len(source.blobs):
-                raise self._fail(f"layer '{layer.name}' has {len(layer.blobs)} learned blobs in "
-                                 f"the test net but {len(source.blobs)} in the train net")
-            for j, (blob, owner) in enumerate(zip(layer.blobs, source.blobs)):
-                if blob.shape != owner.shape:
-                    raise self._fail(f"cannot share param {j} of layer '{layer.name}' with the "
-                                     f"test net: shape {owner.shape} in the train net, "
-                                     f"{blob.shape} in the test net")
-                blob.share_data(owner)
+        try:
+            test_net.share_with(self.net)
+        except NetEngineError as err:
+            raise self._fail(f"sharing the train net's weights with the test net: {err}") \
+                from None
 
     def _load_finetune_weights(self) -> None:
         for entry in self.param.weights:

@@ -135,7 +135,9 @@ def test_lenet_train_test_shapes_and_split_names():
     assert {k: train.blobs[k].shape for k in expected} == expected
     assert sum(b.count for blobs in train.params.values() for b in blobs) == 431080
     assert test.outputs == ["accuracy", "loss"]
-    assert train.blob_loss_weights == {"loss": 1.0}
+    # pycaffe lists every blob, 0 for those that are not losses
+    assert list(train.blob_loss_weights) == list(train.blobs)
+    assert {k: w for k, w in train.blob_loss_weights.items() if w} == {"loss": 1.0}
 
 
 # -- in-place, reshape, backward needs, sharing -----------------------------------------------------

@@ -242,7 +242,7 @@ def test_missing_module_class_and_user_errors_are_one_line(module_dir, tmp_path)
 def test_module_failing_to_import_and_pycaffe_import_hint(tmp_path):
     (tmp_path / "bad_import_mod.py").write_text("import caffe\n")
     (tmp_path / "bad_code_mod.py").write_text("raise RuntimeError('at import')\n")
-    for module, needle in (("bad_import_mod", "PythonLayerBase"),
+    for module, needle in (("bad_import_mod", "import netengine as caffe"),
                            ("bad_code_mod", "RuntimeError: at import")):
         path = tmp_path / f"{module}.prototxt"
         path.write_text(NET % module)

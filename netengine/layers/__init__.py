@@ -28,5 +28,15 @@ def _import_families() -> None:
 
 _import_families()
 
+
+def __getattr__(name: str):
+    # pycaffe's ``from caffe import layers as L``: L.Convolution(...) is net_spec's layer
+    # factory. This package holds the implementations, so unknown names go to the factory.
+    if name[:1].isupper():
+        from netengine import netspec
+
+        return getattr(netspec.layers, name)
+    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+
 __all__ = ["REGISTRY", "Layer", "LossLayer", "NeuronLayer", "create_layer", "layer_class",
            "layer_type_list", "register"]

@@ -102,17 +102,10 @@ class PyBlob:
     def count(self) -> int:
         return self._blob.count
 
-    def _legacy(self, axis: int) -> int:
-        """Caffe's LegacyShape(axis): axes past the blob's own count read as 1."""
-        shape = self._blob.shape
-        if len(shape) > 4:
-            raise ValueError(f"num/channels/height/width need at most 4 axes, shape is {shape}")
-        return shape[axis] if axis < len(shape) else 1
-
-    num = property(lambda self: self._legacy(0))
-    channels = property(lambda self: self._legacy(1))
-    height = property(lambda self: self._legacy(2))
-    width = property(lambda self: self._legacy(3))
+    num = property(lambda self: self._blob.num)
+    channels = property(lambda self: self._blob.channels)
+    height = property(lambda self: self._blob.height)
+    width = property(lambda self: self._blob.width)
 
     def reshape(self, *shape) -> None:
         self._blob.reshape(*shape)
@@ -196,6 +189,14 @@ class Python(Layer):
         self.in_host_call = False
         self.py_blobs = BlobVec(self)
 
+    def __getattr__(self, name: str):
+        # pycaffe's net.layers[i] of a Python layer IS the user's object: reach its own
+        # attributes and methods through this wrapper (only names the wrapper lacks get here).
+        impl = self.__dict__.get("impl")
+        if impl is None or name.startswith("__"):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return getattr(impl, name)
+
     # -- construction --------------------------------------------------------------------------
     def _load_class(self):
         spec = self.layer_param.python_param
@@ -207,9 +208,8 @@ class Python(Layer):
         except ModuleNotFoundError as err:
             hint = ""
             if err.name == "caffe":
-                hint = (" (it imports pycaffe's 'caffe': derive the class from "
-                        "netengine.layers.python_layer.PythonLayerBase instead of caffe.Layer, "
-                        "or provide a 'caffe' module with Layer = PythonLayerBase)")
+                hint = (" (it imports pycaffe's 'caffe': write 'import netengine as caffe' "
+                        "instead; caffe.Layer is then netengine's Python-layer base)")
             raise self.fail(f"Python layer module '{spec.module}' failed to import: "
                             f"{err}{hint}") from err
         except Exception as err:
