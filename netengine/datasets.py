@@ -563,7 +563,7 @@ def decode_image(data: bytes | str | os.PathLike, is_color: bool = True,
     return pixels[None]
 
 
-def _linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices (low, high) and weight of high for OpenCV's INTER_LINEAR along one axis:
     pixel centres aligned (x = (i + 0.5)·in/out − 0.5), edges clamped."""
     pos = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
@@ -584,8 +584,8 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     channels, h, w = image.shape
     if (h, w) == (height, width):
         return image
-    y0, y1, fy = _linear_taps(h, height)
-    x0, x1, fx = _linear_taps(w, width)
+    y0, y1, fy = linear_taps(h, height)
+    x0, x1, fx = linear_taps(w, width)
     x = image.astype(np.float32)
     rows = x[:, y0] * (1 - fy)[:, None].astype(np.float32) + x[:, y1] * fy[:, None].astype(
         np.float32)
