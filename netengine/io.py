@@ -117,12 +117,18 @@ def read_text_proto(path: str | os.PathLike, message: pb_message.Message):
     return message, SourceMap(str(path), layer_blocks(text))
 
 
-def read_binary_proto(path: str | os.PathLike, message: pb_message.Message):
-    """Parse a binary proto file (caffemodel, solverstate, binaryproto) into ``message``."""
+def _read_bytes(path: str | os.PathLike) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise NetEngineError(f"file not found: {path}") from None
+    except OSError as err:  # a folder, no permission, ...
+        raise NetEngineError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def read_binary_proto(path: str | os.PathLike, message: pb_message.Message):
+    """Parse a binary proto file (caffemodel, solverstate, binaryproto) into ``message``."""
+    data = _read_bytes(path)
     try:
         message.ParseFromString(data)
     except pb_message.DecodeError as err:
@@ -133,9 +139,7 @@ def read_binary_proto(path: str | os.PathLike, message: pb_message.Message):
 
 def read_proto(path: str | os.PathLike, message: pb_message.Message):
     """Binary or text, whichever the file is (Caffe's ReadProtoFromBinaryFile fallback)."""
-    data = Path(path).read_bytes() if Path(path).exists() else None
-    if data is None:
-        raise NetEngineError(f"file not found: {path}")
+    data = _read_bytes(path)
     try:
         message.ParseFromString(data)
         return message
@@ -152,8 +156,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # name the file asked for, not the temporary one
+        raise type(err)(err.errno, err.strerror, str(path)) from None
     try:
         # mkstemp creates 0600 files; snapshots get the usual permissions instead.
         umask = os.umask(0)
@@ -164,11 +171,13 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError) and err.errno is not None:
+            raise type(err)(err.errno, err.strerror, str(path)) from None
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)

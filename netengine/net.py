@@ -674,8 +674,12 @@ class Net:
                 blob.share_data(owner)
 
     def reshape(self) -> None:
+        """Propagate input shapes through every layer (after ``blobs[name].reshape``)."""
         for i, layer in enumerate(self.layers):
-            layer.reshape(self.bottom_vecs[i], self.top_vecs[i])
+            try:
+                layer.reshape(self.bottom_vecs[i], self.top_vecs[i])
+            except NetEngineError as err:
+                raise err.with_context(**self._context(i)) from None
 
     def clear_param_diffs(self) -> None:
         for blob in self.learnable_params:

@@ -191,3 +191,23 @@ def test_python_layer_is_reached_as_the_users_object(tmp_path):
     with pytest.raises(AttributeError, match="no_such_thing"):
         layer.no_such_thing  # noqa: B018
     assert np.all(net.forward()["out"] == 7.0)
+
+
+# -- errors name what the user asked for ----------------------------------------------------------
+def test_reshape_errors_name_file_line_and_layer(deploy):
+    net = caffe.Net(str(deploy[0]), caffe.TEST)
+    net.blobs["data"].reshape(2, 3, 5, 4)
+    with pytest.raises(NetEngineError, match=r"deploy\.prototxt:\d+: layer 'ip'"):
+        net.reshape()
+
+
+def test_weights_file_errors_name_the_path(deploy, tmp_path):
+    net = deploy[2]
+    with pytest.raises(NetEngineError, match=f"cannot read {tmp_path}: Is a directory"):
+        net.copy_from(str(tmp_path))
+    blocker = tmp_path / "plain_file"
+    blocker.write_text("")
+    target = blocker / "w.caffemodel"
+    with pytest.raises(OSError) as info:
+        net.save(str(target))
+    assert info.value.filename == str(target) and not list(tmp_path.glob("**/*.tmp"))
