@@ -175,21 +175,39 @@ def render(dot_text: str, path, dot_program: str | None = None) -> Path:
     if fmt in DOT_FORMATS or not fmt:
         write_atomic(path, dot_text)
         return path
-    dot = dot_program or shutil.which("dot")
-    if dot is None:
+    if (dot_program or shutil.which("dot")) is None:
         fallback = path.with_suffix(".dot")
         write_atomic(fallback, dot_text)
         return fallback
+    write_atomic(path, _run_dot(dot_text, fmt[1:], dot_program))
+    return path
+
+
+def _run_dot(dot_text: str, fmt: str, dot_program: str | None = None) -> bytes:
+    """``dot_text`` rendered by Graphviz's dot as ``fmt`` (png, svg, pdf, ...)."""
+    dot = dot_program or shutil.which("dot")
+    if dot is None:
+        raise NetEngineError(f"drawing as {fmt} needs Graphviz's dot program "
+                             "(apt-get install graphviz); .dot text needs nothing")
     try:
-        done = subprocess.run([dot, f"-T{fmt[1:]}"], input=dot_text.encode(),
+        done = subprocess.run([dot, f"-T{fmt}"], input=dot_text.encode(),
                               capture_output=True, check=False)
     except OSError as err:
         raise NetEngineError(f"cannot run Graphviz dot ({dot}): {err}") from None
     if done.returncode != 0:
         reason = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])
-        raise NetEngineError(f"Graphviz dot failed to write {fmt[1:]}: {reason[-1]}")
-    write_atomic(path, done.stdout)
-    return path
+        raise NetEngineError(f"Graphviz dot failed to write {fmt}: {reason[-1]}")
+    return done.stdout
+
+
+def draw_net(net_param, rankdir: str = "LR", ext: str = "png", phase: int | None = None,
+             display_lrm: bool = False) -> bytes:
+    """pycaffe's ``caffe.draw.draw_net``: the drawing as bytes of format ``ext`` ("dot" or
+    "gv" for the DOT text itself)."""
+    dot_text = net_to_dot(net_param, rankdir, phase, display_lrm)
+    if f".{ext.lower().lstrip('.')}" in DOT_FORMATS:
+        return dot_text.encode()
+    return _run_dot(dot_text, ext.lower().lstrip("."))
 
 
 def draw_net_to_file(net_param, path, rankdir: str = "LR", phase: int | None = None,

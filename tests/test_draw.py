@@ -137,6 +137,17 @@ def test_dot_failure_is_reported(tmp_path):
         draw.render("digraph { this is not dot", tmp_path / "bad.svg")
 
 
+def test_pycaffe_draw_net_returns_bytes(monkeypatch):
+    param = text_format.Parse('name: "n" layer { name: "d" type: "Input" top: "d" }',
+                              caffe_pb2.NetParameter())
+    assert draw.draw_net(param, "TB", ext="dot") == draw.net_to_dot(param, "TB").encode()
+    if shutil.which("dot"):
+        assert b"<svg" in draw.draw_net(param, ext="svg")
+    monkeypatch.setattr(draw.shutil, "which", lambda name: None)
+    with pytest.raises(draw.NetEngineError, match="drawing as png needs Graphviz's dot"):
+        draw.draw_net(param)
+
+
 def test_tools_wrapper_runs(tmp_path):
     """tools/draw_net is a thin wrapper that runs from a source checkout."""
     import subprocess
