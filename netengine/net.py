@@ -346,6 +346,8 @@ class Net:
                 if not layer.allows_inplace:
                     raise layer.fail("does not allow in-place computation (top == bottom)")
                 tops.append(self._blobs[name])
+            elif name in top_names[:j]:
+                raise layer.fail(f"lists top '{name}' twice")
             elif name in self._blobs:
                 raise layer.fail(f"top blob '{name}' is produced by more than one layer")
             else:

@@ -208,8 +208,8 @@ class Solver:
         beside = self._base_dir / named
         if beside.exists():
             return str(beside)
-        raise self._fail(f"{what} not found: {path} (looked in {Path.cwd()} and "
-                         f"{self._base_dir})")
+        places = dict.fromkeys([str(Path.cwd()), str(self._base_dir.resolve())])
+        raise self._fail(f"{what} not found: {path} (looked in {' and '.join(places)})")
 
     def _make_net(self, source, phase: int, override, default_phase: int, what: str) -> Net:
         """Build a net with Caffe's NetState precedence: solver default < net's own < override."""

@@ -381,6 +381,13 @@ def test_duplicate_top_is_refused(tmp_path):
         net_from_text(text, tmp_path=tmp_path)
 
 
+def test_top_listed_twice_in_one_layer(tmp_path):
+    text = ('layer { name: "in" type: "Input" top: "x" top: "x" '
+            'input_param { shape { dim: 2 } shape { dim: 2 } } }\n')
+    with pytest.raises(NetEngineError, match=r":1:.*'in'.*lists top 'x' twice"):
+        net_from_text(text, tmp_path=tmp_path)
+
+
 def test_wrong_number_of_bottoms(tmp_path):
     text = ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 2 } } }\n'
             'layer { name: "f" type: "Flatten" bottom: "x" bottom: "x" top: "y" }\n')

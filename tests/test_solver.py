@@ -5,6 +5,7 @@ dW = rᵀx/N and db = Σr/N with r = xWᵀ + b − y.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -448,7 +449,7 @@ def test_solver_errors_are_one_line(tmp_path, text, match):
     assert str(path) in str(info.value)
 
 
-def test_train_net_must_be_given_once(tmp_path):
+def test_train_net_must_be_given_once(tmp_path, monkeypatch):
     net = write_tiny(tmp_path)
     path = tmp_path / "s.prototxt"
     path.write_text('lr_policy: "fixed"\n')
@@ -458,8 +459,12 @@ def test_train_net_must_be_given_once(tmp_path):
     with pytest.raises(SolverError, match="more than one train net"):
         get_solver(str(path))
     path.write_text('net: "missing.prototxt"\nlr_policy: "fixed"\n')
-    with pytest.raises(SolverError, match="net file not found: missing.prototxt"):
+    with pytest.raises(SolverError, match="net file not found: missing.prototxt") as info:
         get_solver(str(path))
+    assert f"(looked in {Path.cwd()} and {tmp_path.resolve()})" in str(info.value)
+    monkeypatch.chdir(tmp_path)  # one folder is named once
+    with pytest.raises(SolverError, match=rf"\(looked in {re.escape(str(tmp_path.resolve()))}\)"):
+        get_solver("s.prototxt")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
