@@ -51,6 +51,7 @@ import difflib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -170,6 +171,10 @@ class Solver:
         p = self.param
         if p.iter_size < 1:
             raise self._fail(f"iter_size must be >= 1, got {p.iter_size}")
+        for i, count in enumerate(p.test_iter):
+            if count < 1:
+                raise self._fail(f"test_iter must be >= 1 (batches per test), got {count} for "
+                                 f"test net #{i}")
         if p.average_loss < 1:
             raise self._fail(f"average_loss must be >= 1, got {p.average_loss}")
         if p.regularization_type not in ("L2", "L1"):
@@ -227,7 +232,9 @@ class Solver:
         try:
             return Net(source, state.phase, level=state.level, stages=extra_stages,
                        dtype=self.dtype)
-        except NetEngineError:
+        except NetEngineError as err:
+            if isinstance(source, caffe_pb2.NetParameter):  # written inside the solver file
+                raise err.with_context(file=self.solver_file) from None
             raise
         except (OSError, ValueError) as err:
             raise self._fail(f"cannot build {what}: {err}") from None
@@ -396,6 +403,8 @@ class Solver:
         log.info("Solving %s", self.net.name, extra=at("solver.cpp:289"))
         log.info("Learning Rate Policy: %s", p.lr_policy, extra=at("solver.cpp:290"))
         self.requested_early_exit = False
+        if p.snapshot or p.snapshot_after_train:
+            self._check_snapshot_prefix()
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file,
                      extra=at("solver.cpp:295"))
@@ -575,6 +584,20 @@ class Solver:
     # -- snapshots ---------------------------------------------------------------------------------
     def snapshot_filename(self, extension: str) -> str:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
+
+    def _check_snapshot_prefix(self) -> None:
+        """Fail before training, not after it, when snapshots cannot be written (Caffe's
+        CheckSnapshotWritePermissions): make the folder as a snapshot would, then a probe file."""
+        folder = Path(self.snapshot_filename("")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise self._fail(f"cannot write to snapshot_prefix '{self.param.snapshot_prefix}' "
+                             f"({err.strerror or err}: {err.filename or folder}); make sure its "
+                             "folder exists or can be created, and is writable") from None
 
     def snapshot(self) -> tuple[str, str]:
         """Write ``<prefix>_iter_N.caffemodel`` and ``.solverstate`` (``.h5`` variants with

@@ -531,3 +531,38 @@ def test_update_rules_on_the_gpu_path(kind, tmp_path, fake_gpu):
     for mine, theirs in zip(again.history, solver.history):
         np.testing.assert_array_equal(netengine.backend.to_host(mine.data),
                                       netengine.backend.to_host(theirs.data))
+
+
+def test_test_iter_below_one_is_refused_at_load(tmp_path):
+    net = write_tiny(tmp_path)
+    path = tmp_path / "s.prototxt"
+    path.write_text(f'net: "{net}"\nlr_policy: "fixed"\ntest_iter: 0\ntest_interval: 1\n')
+    with pytest.raises(SolverError, match=r"s\.prototxt: test_iter must be >= 1 .*got 0"):
+        get_solver(str(path))
+
+
+def test_unwritable_snapshot_prefix_fails_before_training(tmp_path):
+    net = write_tiny(tmp_path)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    path = tmp_path / "s.prototxt"
+    path.write_text(f'net: "{net}"\nlr_policy: "fixed"\nbase_lr: 0.01\nmax_iter: 3\n'
+                    f'snapshot_prefix: "{blocker}/lenet"\n')
+    solver = get_solver(str(path))  # constructing is fine (pycaffe may only step)
+    with pytest.raises(SolverError, match="cannot write to snapshot_prefix .*not_a_folder"):
+        solver.solve()
+    assert solver.iter == 0
+    made = tmp_path / "new" / "deeper"
+    path.write_text(path.read_text().replace(f"{blocker}/lenet", f"{made}/lenet"))
+    get_solver(str(path)).solve()  # a missing folder is made, as a snapshot would make it
+    assert (made / "lenet_iter_3.caffemodel").exists() and not list(made.glob(".write_probe*"))
+
+
+def test_errors_in_a_net_inside_the_solver_file_name_that_file(tmp_path):
+    path = tmp_path / "consolidated.prototxt"
+    path.write_text('lr_policy: "fixed"\nnet_param { layer { name: "x" type: "Input" top: "x" '
+                    'input_param { shape { dim: 2 } } }\n'
+                    'layer { name: "bad" type: "Flatten" bottom: "nowhere" top: "y" } }\n')
+    with pytest.raises(netengine.NetEngineError,
+                       match=r"consolidated\.prototxt: layer 'bad' \(Flatten\): unknown bottom"):
+        get_solver(str(path))
