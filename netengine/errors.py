@@ -53,5 +53,18 @@ class LayerError(NetEngineError):
     """A layer refusing its parameters, bottoms or shapes."""
 
 
+class DataSourceError(LayerError):
+    """A data layer whose source (file, folder or Python module) cannot be found."""
+
+
+class FileWriteError(NetEngineError, OSError):
+    """A file that cannot be written; an OSError too (``errno``, ``strerror``, ``filename`` =
+    the file asked for), so both kinds of handler catch it."""
+
+    def __init__(self, path, err: OSError) -> None:
+        super().__init__(f"cannot write {path}: {err.strerror or err}")
+        self.errno, self.strerror, self.filename = err.errno, err.strerror, str(path)
+
+
 class SolverError(NetEngineError):
     """A solver file or solver state that cannot be used."""

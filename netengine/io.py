@@ -14,7 +14,7 @@ from pathlib import Path
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from netengine.errors import NetEngineError, NetSyntaxError
+from netengine.errors import FileWriteError, NetEngineError, NetSyntaxError
 
 _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|#[^\n]*|[{}<>]|[A-Za-z_]\w*')
 _NAME = re.compile(r'\bname\s*:\s*"([^"]*)"')
@@ -160,7 +160,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:  # name the file asked for, not the temporary one
-        raise type(err)(err.errno, err.strerror, str(path)) from None
+        raise FileWriteError(path, err) from None
     try:
         # mkstemp creates 0600 files; snapshots get the usual permissions instead.
         umask = os.umask(0)
@@ -176,8 +176,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(err, OSError) and err.errno is not None:
-            raise type(err)(err.errno, err.strerror, str(path)) from None
+        if isinstance(err, OSError):
+            raise FileWriteError(path, err) from None
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -150,6 +150,24 @@ def test_train_errors_are_one_line(argv, message, tmp_path, monkeypatch, capsys)
     assert "Traceback" not in err
 
 
+def test_caffe_spelling_of_flags_and_repeated_stages():
+    args = train_cli.parse_args(["-solver", "s.prototxt", "-max_iter=3", "--stage", "a,b",
+                                 "-stage", "c", "--level", "-1"])
+    assert (args.solver, args.max_iter, args.level) == ("s.prototxt", 3, -1)
+    assert train_cli.stages(args.stage) == ["a", "b", "c"]
+    args = test_cli.parse_args(["-model", "m", "-weights", "w", "-iterations", "2"])
+    assert (args.model, args.weights, args.iterations) == ("m", "w", 2)
+    with pytest.raises(SystemExit):
+        time_cli.parse_args(["-nosuchflag", "1"])
+
+
+def test_negative_max_iter_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _solver(tmp_path)
+    assert train_cli.main(["--solver", "solver.prototxt", "--max_iter", "-5"]) == 1
+    assert capsys.readouterr().err.strip().endswith("error: --max_iter must be >= 0, got -5")
+
+
 def test_gpu_flag_without_a_gpu(tmp_path, monkeypatch, capsys):
     if backend.cupy_available():
         pytest.skip("a GPU is present")

@@ -113,6 +113,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     with pytest.raises(SystemExit):
         draw_net.main(["a", "b", "--rankdir", "XY"])
+    capsys.readouterr()
+    net = tmp_path / "n.prototxt"
+    net.write_text('layer { name: "d" type: "Input" top: "d" }')
+    (tmp_path / "out").mkdir()
+    assert draw_net.main([str(net), str(tmp_path / "out")]) == 1  # a folder as the output
+    err = capsys.readouterr().err.strip()
+    assert err == f"draw_net: error: cannot write {tmp_path / 'out'}: Is a directory"
 
 
 @need_dot

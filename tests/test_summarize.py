@@ -135,7 +135,8 @@ def test_cli_refuses_with_one_line(capsys):
 def test_cli_stand_in_shapes_for_a_missing_data_source(capsys):
     path = need(NETS / "bvlc_caffe/examples/mnist/lenet_train_test.prototxt")
     assert cli.main(["--model", str(path)]) == 1
-    assert "source not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "source not found" in err and "--input-shape NAME=N,C,H,W" in err
     assert cli.main(["--model", str(path), "--phase", "TRAIN",
                      "--input-shape", "data=64,1,28,28"]) == 0
     out = capsys.readouterr().out
@@ -154,6 +155,9 @@ def test_cli_stage(capsys):
     assert "no data or input layer of this net produces" in capsys.readouterr().err
     assert cli.main(["--model", str(path), "--stage", "test-on-test",
                      "--input-shape", "data=2,1,28,28"]) == 0
+    for stages in (["--stage", "test-on-test,other"], ["--stage", "other", "--stage",
+                                                        "test-on-test"]):
+        assert cli.main(["--model", str(path), *stages, "--input-shape", "data=2,1,28,28"]) == 0
 
 
 def test_cli_run_verdict_object(tiny):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -25,15 +26,33 @@ def add_common_flags(parser: argparse.ArgumentParser, phase_default: str | None 
                              "the solver's solver_mode/device_id (train), else CPU")
     parser.add_argument("--level", type=int, default=0,
                         help="NetState level of the net(s) (default 0)")
-    parser.add_argument("--stage", default="",
-                        help="NetState stages, comma-separated (default none)")
+    parser.add_argument("--stage", action="append", default=[],
+                        help="NetState stage(s): comma-separated and/or the flag repeated "
+                             "(default none)")
     if phase_default is not None:
         parser.add_argument("--phase", default=phase_default, choices=["TRAIN", "TEST"],
                             help=f"net phase (default {phase_default})")
 
 
-def stages(flag: str) -> list[str]:
-    return [s for s in (part.strip() for part in flag.split(",")) if s]
+def stages(flags: list[str] | str) -> list[str]:
+    """The stages of ``--stage`` flags: each comma-separated, the flag repeatable."""
+    flags = [flags] if isinstance(flags, str) else flags
+    return [s for flag in flags for s in (part.strip() for part in flag.split(",")) if s]
+
+
+_GFLAG = re.compile(r"-([A-Za-z_][\w-]+)(=.*)?")
+
+
+def parse_caffe_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args`` that also takes Caffe's gflags spelling of long options
+    (``-solver x``, ``-solver=x``), so command lines copied from Caffe's docs work."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = {opt for action in parser._actions for opt in action.option_strings}
+    for i, token in enumerate(argv):
+        match = _GFLAG.fullmatch(token)
+        if match and f"--{match.group(1)}" in known and f"-{match.group(1)}" not in known:
+            argv[i] = "-" + token
+    return parser.parse_args(argv)
 
 
 def gpu_id(flag: str) -> int | None:

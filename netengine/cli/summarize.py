@@ -19,8 +19,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from netengine import summary
-from netengine.errors import NetEngineError
+from netengine import cli, summary
+from netengine.errors import DataSourceError, NetEngineError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
                         help="stand-in shape for top NAME of a data/input layer (repeatable)")
     parser.add_argument("--level", type=int, default=0, help="NetState level (default 0)")
-    parser.add_argument("--stage", action="append", default=[], help="NetState stage "
-                        "(repeatable)")
+    parser.add_argument("--stage", action="append", default=[], help="NetState stage(s): "
+                        "comma-separated and/or the flag repeated")
     parser.add_argument("--show-splits", action="store_true",
                         help="also list the Split layers inserted automatically")
     return parser.parse_args(argv)
@@ -58,7 +58,9 @@ def run(model, phase="TEST", input_shapes: dict | None = None, level: int = 0, s
         net = summary.build(model, phase, input_shapes or None, level=level, stages=stages)
         table = summary.format_table(summary.summarize(net, show_splits=show_splits))
     except NetEngineError as err:
-        return Verdict(1, f"summarize: refused: {err}", None, err)
+        hint = (" (give the data layer's tops stand-in shapes: --input-shape NAME=N,C,H,W)"
+                if isinstance(err, DataSourceError) else "")
+        return Verdict(1, f"summarize: refused: {err}{hint}", None, err)
     return Verdict(0, table, net)
 
 
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
     except NetEngineError as err:
         print(f"summarize: {err}", file=sys.stderr)
         return 2
-    verdict = run(args.model, args.phase, shapes, args.level, args.stage, args.show_splits)
+    verdict = run(args.model, args.phase, shapes, args.level, cli.stages(args.stage),
+                  args.show_splits)
     print(verdict.text, file=sys.stderr if verdict.status else sys.stdout)
     return verdict.status
 

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 
 from netengine import backend
-from netengine.cli import add_common_flags, gpu_id, run, stages, use_device
+from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
 from netengine.errors import NetEngineError
 from netengine.logging_glog import at, fmt
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=50,
                         help="number of batches to score (default 50)")
     add_common_flags(parser, phase_default="TEST")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 def score(args) -> int:

@@ -16,7 +16,7 @@ import logging
 import time
 
 from netengine import backend
-from netengine.cli import add_common_flags, gpu_id, run, stages, use_device
+from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
 from netengine.errors import NetEngineError
 from netengine.logging_glog import at, fmt
 
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", default="",
                         help="optional weights to load first (caffemodel, comma-separated)")
     add_common_flags(parser, phase_default="TRAIN")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 def layer_times(net, iterations: int, report=None) -> tuple[list[float], list[float], float]:

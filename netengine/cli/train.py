@@ -26,7 +26,7 @@ import logging
 import signal
 
 from netengine import backend
-from netengine.cli import add_common_flags, gpu_id, run, stages, use_device
+from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
 from netengine.errors import NetEngineError
 from netengine.logging_glog import at, progress
 from netengine.proto import caffe_pb2
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what SIGHUP does (default snapshot)")
     parser.add_argument("--max_iter", type=int, default=None,
                         help="override the solver's max_iter (netengine extension)")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 class SignalHandler:
@@ -125,6 +125,8 @@ def train(args) -> int:
     if args.snapshot and args.weights:
         raise NetEngineError("give a snapshot to resume training (--snapshot) or weights to "
                              "fine-tune (--weights), not both")
+    if args.max_iter is not None and args.max_iter < 0:
+        raise NetEngineError(f"--max_iter must be >= 0, got {args.max_iter}")
     param = read_solver_param(args.solver)
     if args.level:
         param.train_state.level = args.level

@@ -101,9 +101,9 @@ class Layer:
     def name(self) -> str:
         return self.layer_param.name
 
-    def fail(self, message: str) -> LayerError:
-        """A LayerError naming this layer; ``raise self.fail("expected ...")``."""
-        return LayerError(message, layer=self.name, layer_type=self.type)
+    def fail(self, message: str, kind: type[LayerError] = LayerError) -> LayerError:
+        """A LayerError (or subclass ``kind``) naming this layer; ``raise self.fail("...")``."""
+        return kind(message, layer=self.name, layer_type=self.type)
 
     def __repr__(self) -> str:
         return f"<{self.type} layer '{self.name}'>"

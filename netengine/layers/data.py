@@ -6,6 +6,7 @@ Data (LMDB of Datum records, or MNIST IDX files), MemoryData, DummyData, HDF5Dat
 """
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -16,9 +17,11 @@ import numpy as np
 
 from netengine import backend, datasets, fillers
 from netengine.blob import Blob
-from netengine.errors import LayerError, NetEngineError
+from netengine.errors import DataSourceError, LayerError, NetEngineError
 from netengine.layers.base import Layer, register
 from netengine.proto import caffe_pb2
+
+log = logging.getLogger("netengine.data")
 
 
 @register
@@ -160,7 +163,10 @@ def _resolve(layer: Layer, what: str, path: str, gz: bool = True,
     found = datasets.resolve_source(path, (*extra_dirs, *layer.search_dirs), gz=gz)
     if found is None:
         raise layer.fail(f"{what} not found: "
-                         f"{datasets.search_description(path, (*extra_dirs, *layer.search_dirs))}")
+                         f"{datasets.search_description(path, (*extra_dirs, *layer.search_dirs))}",
+                         DataSourceError)
+    # Relative sources may be found beside the solver or in netengine's own data: say which.
+    log.info("%s '%s': %s %s", layer.type, layer.name, what, found.resolve())
     return found
 
 

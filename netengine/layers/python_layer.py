@@ -41,6 +41,7 @@ import numpy as np
 
 from netengine import backend
 from netengine.blob import Blob
+from netengine.errors import DataSourceError
 from netengine.layers.base import Layer, register
 
 _IMPORT_LOCK = threading.Lock()
@@ -217,10 +218,11 @@ class Python(Layer):
                             f"{type(err).__name__}: {err}") from err
         if module is None:
             where = "sys.path" + (f" and {folder}" if folder else "")
-            raise self.fail(f"missing data source: Python layer module '{spec.module}' not found "
-                            f"(looked in {where}); put it on PYTHONPATH or next to the prototxt"
-                            if not self.layer_param.bottom else
-                            f"Python layer module '{spec.module}' not found (looked in {where});"
+            if not self.layer_param.bottom:  # a Python data layer
+                raise self.fail(f"missing data source: Python layer module '{spec.module}' not "
+                                f"found (looked in {where}); put it on PYTHONPATH or next to "
+                                "the prototxt", DataSourceError)
+            raise self.fail(f"Python layer module '{spec.module}' not found (looked in {where});"
                             " put it on PYTHONPATH or next to the prototxt")
         cls = getattr(module, spec.layer, None)
         if cls is None or not callable(cls):
