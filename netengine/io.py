@@ -106,8 +106,11 @@ def read_text_file(path: str | os.PathLike) -> str:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise NetEngineError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise NetEngineError(f"cannot read {path}: {err}") from None
+    except UnicodeDecodeError:
+        raise NetEngineError(f"{path} is a binary file (a .caffemodel or .solverstate?), not "
+                             "the text prototxt expected here") from None
+    except OSError as err:
+        raise NetEngineError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def read_text_proto(path: str | os.PathLike, message: pb_message.Message):

@@ -570,18 +570,29 @@ class Net:
 
     def forward(self, blobs: Iterable[str] | None = None, start: str | None = None,
                 end: str | None = None, **inputs) -> dict:
-        """Run forward (from ``start`` to ``end``); returns {output name: data}."""
-        for name, value in inputs.items():
+        """Run forward (from ``start`` to ``end``); returns {output name: data}. Inputs of
+        another shape reshape the net; if the net refuses them, it keeps its old shapes."""
+        for name in inputs:
             if name not in self.inputs:
                 raise NetEngineError(f"'{name}' is not an input of this net "
                                      f"(inputs: {', '.join(self.inputs) or 'none'})")
+        first, last = self._index(start, 0), self._index(end, len(self.layers) - 1)
+        old_shapes = {}
+        for name, value in inputs.items():
             blob = self._blobs[name]
             value = backend.to_module(np.asarray(value) if blob.xp is np else value, blob.xp)
             if value.shape != blob.shape:
+                old_shapes[name] = blob.shape
                 blob.reshape(value.shape)
             blob.data[...] = value
-        first, last = self._index(start, 0), self._index(end, len(self.layers) - 1)
-        self.last_loss = self.forward_from_to(first, last)
+        try:
+            self.last_loss = self.forward_from_to(first, last)
+        except NetEngineError:
+            if old_shapes:
+                for name, shape in old_shapes.items():
+                    self._blobs[name].reshape(shape)
+                self.reshape()
+            raise
         names = list(self.top_ids[last]) if end is not None else list(self.outputs)
         names += [b for b in (blobs or ()) if b not in names]
         return {name: self._blobs[name].data for name in names}
@@ -709,17 +720,23 @@ class Net:
                 return snapshot.load_weights_hdf5(self, where)
             param = read_binary_proto(where, caffe_pb2.NetParameter())
         by_name = self.layer_dict
-        ignored = []
+        ignored, copied = [], 0
         for source_layer in list(param.layer) or list(param.layers):
             target = by_name.get(source_layer.name)
             if target is None:
                 ignored.append(source_layer.name)
                 continue
+            copied += bool(source_layer.blobs)
             self._copy_layer_blobs(target, source_layer, where)
         self.ignored_layers = ignored
         if ignored:
             log.info("copy_from %s: ignoring source layer(s) this net does not have: %s",
                      where or "NetParameter", ", ".join(ignored))
+        if not copied and any(layer.blobs for layer in self.layers):
+            # Caffe carries on silently; a run on random weights deserves a warning.
+            log.warning("copy_from %s: no layer of this net got weights from it (no learned "
+                        "layer's name matches): its weights stay as initialised",
+                        where or "NetParameter")
         return ignored
 
     def _copy_layer_blobs(self, target: Layer, source_layer, where) -> None:

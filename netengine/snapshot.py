@@ -262,11 +262,27 @@ def read_state(path: str | os.PathLike) -> SolverStateData:
     if path.name.endswith(".h5") or is_hdf5(path):
         return _read_state_hdf5(path)
     message = read_binary_proto(path, caffe_pb2.SolverState())
+    if not message.history and not message.learned_net:
+        _refuse_weights_as_state(path)
     try:
         history = [blob_array(blob) for blob in message.history]
     except NetEngineError as err:
         raise SolverError(f"bad history blob: {err}", file=str(path)) from None
     return SolverStateData(message.iter, message.learned_net, history, message.current_step)
+
+
+def _refuse_weights_as_state(path: Path) -> None:
+    """A caffemodel parses as an empty SolverState (its fields read as unknown ones): say
+    what the file is instead of complaining later about missing history."""
+    net = caffe_pb2.NetParameter()
+    try:
+        net.ParseFromString(path.read_bytes())
+    except Exception:  # not a NetParameter either: let the caller's checks speak
+        return
+    if len(net.layer) or len(net.layers):
+        raise SolverError(f"this is a caffemodel (a net of {len(net.layer) or len(net.layers)}"
+                          " layers), not a solver state: fine-tune from it with --weights, or "
+                          "resume with the .solverstate written beside it", file=str(path))
 
 
 def _scalar_int(handle, name: str, path) -> int:

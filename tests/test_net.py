@@ -10,7 +10,7 @@ from google.protobuf import text_format
 import netengine
 from netengine.errors import NetEngineError
 from netengine.layers import REGISTRY, layer_type_list
-from netengine.net import Net, insert_splits, layer_included, state_meets_rule
+from netengine.net import Net, blob_to_proto, insert_splits, layer_included, state_meets_rule
 from netengine.proto import caffe_pb2
 
 
@@ -307,6 +307,22 @@ def test_copy_from_legacy_4d_shapes_and_ignored_layers():
     assert ignored == ["not_in_net"]
     np.testing.assert_array_equal(net.params["ip2"][0].data, np.arange(10).reshape(2, 5))
     np.testing.assert_array_equal(net.params["ip2"][1].data, [7.0, 8.0])
+
+
+def test_copy_from_matching_no_layer_warns(caplog):
+    net = ip_net()
+    source = caffe_pb2.NetParameter()
+    source.layer.add(name="other").blobs.add().data.extend([1.0])
+    with caplog.at_level("WARNING", logger="netengine"):
+        assert net.copy_from(source) == ["other"]
+    assert "no layer of this net got weights from it" in caplog.text
+    caplog.clear()
+    layer = source.layer.add(name="ip2")
+    layer.blobs.add().CopyFrom(blob_to_proto(net.params["ip2"][0]))
+    layer.blobs.add().CopyFrom(blob_to_proto(net.params["ip2"][1]))
+    with caplog.at_level("WARNING", logger="netengine"):
+        net.copy_from(source)
+    assert "no layer of this net got weights" not in caplog.text
 
 
 def test_copy_from_shape_mismatch_names_layer():

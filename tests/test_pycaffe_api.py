@@ -211,3 +211,13 @@ def test_weights_file_errors_name_the_path(deploy, tmp_path):
     with pytest.raises(OSError) as info:
         net.save(str(target))
     assert info.value.filename == str(target) and not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_forward_refusing_new_input_shapes_leaves_the_net_usable(deploy):
+    net = caffe.Net(str(deploy[0]), caffe.TEST)
+    before = net.forward(data=np.ones((2, 3, 4, 4)))["prob"].copy()
+    with pytest.raises(NetEngineError, match="layer 'ip'"):
+        net.forward(data=np.ones((3, 3, 5, 4)))
+    assert net.blobs["data"].shape == (2, 3, 4, 4) and net.blobs["prob"].shape == (2, 5)
+    np.testing.assert_array_equal(net.forward()["prob"], before)
+    assert net.forward(data=np.ones((3, 3, 4, 4)))["prob"].shape == (3, 5)  # a new batch is fine

@@ -16,7 +16,7 @@ from conftest import REPO
 from test_solver import Feeder, need_layers, solver_text, tiny_data, tiny_solver, write_tiny
 
 from netengine import backend, snapshot
-from netengine.errors import SolverError
+from netengine.errors import NetEngineError, SolverError
 from netengine.layers import Layer, register
 from netengine.proto import caffe_pb2
 from netengine.solver import SOLVERS, get_solver
@@ -173,6 +173,18 @@ def test_restore_refuses_state_of_another_solver(tmp_path):
         adam.restore(state)
     with pytest.raises(SolverError, match="solver state not found"):
         adam.restore(str(tmp_path / "nope.solverstate"))
+
+
+def test_weights_given_as_a_state_or_as_a_prototxt_say_what_they_are(tmp_path):
+    sgd, _ = tiny_solver(tmp_path, solver_text("SGD") + f'snapshot_prefix: "{tmp_path / "s"}"\n')
+    sgd.step(1)
+    model, _ = sgd.snapshot()
+    with pytest.raises(SolverError, match=r"s_iter_1\.caffemodel: this is a caffemodel "
+                                          r"\(a net of 4 layers\), not a solver state"):
+        sgd.restore(model)
+    with pytest.raises(NetEngineError, match=r"s_iter_1\.caffemodel is a binary file .*not "
+                                             "the text prototxt expected here"):
+        get_solver(model)
 
 
 def test_snapshot_after_train_and_intervals(tmp_path):
