@@ -74,10 +74,13 @@ def parse_shape_spec(text: str) -> tuple[str, tuple[int, ...]]:
 
 def build(path, phase: int = caffe_pb2.TEST, input_shapes: dict | None = None,
           level: int = 0, stages=()):
-    """Construct the net (shape inference, random weights): the Net, or a NetEngineError."""
+    """Construct the net for its shapes (weights left at zero, not filled): the Net, or a
+    NetEngineError."""
+    from netengine import fillers
     from netengine.net import Net
 
-    return Net(path, phase, level=level, stages=tuple(stages), input_shapes=input_shapes)
+    with fillers.skipped():
+        return Net(path, phase, level=level, stages=tuple(stages), input_shapes=input_shapes)
 
 
 def layer_macs(layer, bottom, top) -> int:

@@ -335,7 +335,9 @@ def _validating_fill(blob: Blob, param) -> None:
     """Real filler for small blobs; for big ones, check the filler on a small stand-in now
     and draw the values only if the net runs forward (see ``fill_deferred``)."""
     if blob.count <= BIG_BLOB:
-        _REAL_FILL(blob, param)
+        # drawn here, not through fillers.fill: tools/summarize builds with fills skipped,
+        # and the forward check below wants random weights
+        blob.data[...] = fillers.filler_values(param, blob.shape)
         return
     probe = tuple(min(d, 2) for d in blob.shape[:-2]) + tuple(blob.shape[-2:])
     fillers.filler_values(param, probe if len(blob.shape) == 4 else (2,) * blob.num_axes)

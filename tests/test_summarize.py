@@ -177,3 +177,18 @@ def test_tools_wrapper_runs_as_a_program(tiny):
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
     assert "Traceback" not in missing.stderr
+
+
+def test_build_skips_filling_weights_but_checks_fillers(tmp_path):
+    path = tmp_path / "g.prototxt"
+    path.write_text(TINY.replace("num_output: 4 kernel_size: 3",
+                                 'num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" }'))
+    net = summary.build(path)
+    assert not net.params["conv"][0].data.any()  # shapes only: nothing drawn
+    from netengine.net import Net
+
+    assert Net(str(path)).params["conv"][0].data.any()  # a real build still fills
+    path.write_text(TINY.replace("num_output: 4 kernel_size: 3",
+                                 'num_output: 4 kernel_size: 3 weight_filler { type: "gausian" }'))
+    with pytest.raises(NetEngineError, match="unknown filler type 'gausian'"):
+        summary.build(path)
