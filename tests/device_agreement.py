@@ -132,6 +132,16 @@ SNIPPETS = [
             'weight_filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" } }',
             [((7,), "index:5")], grad=()),
     Snippet("filter", 'type: "Filter"', [((5, 3), "normal"), ((5,), "binary")]),
+    Snippet("lstm_unit", 'type: "LSTMUnit"',
+            [((1, 3, 2), "normal"), ((1, 3, 8), "normal"), ((1, 3), "binary")], tops=2,
+            grad=(0, 1)),
+    Snippet("lstm_static", 'type: "LSTM" recurrent_param { num_output: 3 '
+            'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" } }',
+            [((4, 2, 5), "normal"), ((4, 2), "binary"), ((2, 3), "normal")], grad=(0, 2)),
+    Snippet("rnn_exposed", 'type: "RNN" recurrent_param { num_output: 3 expose_hidden: true '
+            'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" } }',
+            [((4, 2, 5), "normal"), ((4, 2), "binary"), ((1, 2, 3), "normal")], tops=2,
+            grad=(0, 2)),
     Snippet("hinge_l1", 'type: "HingeLoss"', [((5, 4), "normal"), ((5,), "labels:4")]),
     Snippet("hinge_l2", 'type: "HingeLoss" hinge_loss_param { norm: L2 }',
             [((5, 4), "normal"), ((5,), "labels:4")]),

@@ -27,7 +27,7 @@ FORK_LAYER_TYPES = {
 
 
 # BVLC Caffe types netengine does not implement (yet): named as such, never "no such type".
-UNIMPLEMENTED_BVLC_TYPES = ("HDF5Output", "LSTM", "LSTMUnit", "RNN")
+UNIMPLEMENTED_BVLC_TYPES = ("HDF5Output",)
 
 
 def register(cls: type[Layer]) -> type[Layer]:
