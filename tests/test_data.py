@@ -472,6 +472,31 @@ def test_dummy_data_errors(text, n, expected):
     assert "(DummyData)" in str(info.value)
 
 
+# -- HDF5Output -----------------------------------------------------------------------------------
+def test_hdf5_output_writes_the_last_batch(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    out = tmp_path / "out.h5"
+    out.write_text("old content")  # truncated at setup
+    layer = make_layer(f'type: "HDF5Output" hdf5_output_param {{ file_name: "{out}" }}')
+    data, label = Blob((3, 2, 2), dtype=np.float32), Blob((3,), dtype=np.float32)
+    layer.setup([data, label], [])
+    with h5py.File(out, "r") as f:
+        assert list(f) == []
+    for k in range(2):
+        data.data[...] = np.arange(12).reshape(3, 2, 2) + 100 * k
+        label.data[...] = [k, k + 1, k + 2]
+        layer.forward([data, label], [])
+    with h5py.File(out, "r") as f:
+        np.testing.assert_array_equal(f["data"][()], np.arange(12).reshape(3, 2, 2) + 100)
+        np.testing.assert_array_equal(f["label"][()], [1, 2, 3])
+        assert f["data"].dtype == np.float32
+    layer.backward([], [True, True], [data, label])  # no gradient, no error
+    with pytest.raises(NetEngineError, match="same number of items"):
+        layer.forward([data, Blob((4,), dtype=np.float32)], [])
+    with pytest.raises(NetEngineError, match="file_name must be given"):
+        make_layer('type: "HDF5Output"').setup([data, label], [])
+
+
 # -- HDF5Data -------------------------------------------------------------------------------------
 @pytest.fixture
 def h5_files(tmp_path):

@@ -380,16 +380,6 @@ def test_fork_layer_type_is_named_as_such(tmp_path):
         net_from_text(text, tmp_path=tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["HDF5Output"])
-def test_unimplemented_bvlc_type_is_not_called_unknown(tmp_path, kind):
-    text = f'layer {{ name: "in" type: "Input" top: "x" }}\nlayer {{ name: "r" type: "{kind}" }}\n'
-    with pytest.raises(NetEngineError) as info:
-        net_from_text(text, tmp_path=tmp_path)
-    msg = one_line(info.value)
-    assert f"BVLC Caffe layer type '{kind}' is not implemented by netengine" in msg
-    assert "net.prototxt:2:" in msg and "no such type" not in msg and "did you mean" not in msg
-
-
 def test_unknown_bottom_names_layer_and_line(tmp_path):
     text = ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 } } }\n'
             'layer { name: "f" type: "Flatten" bottom: "nope" top: "y" }\n')

@@ -26,10 +26,6 @@ FORK_LAYER_TYPES = {
 }
 
 
-# BVLC Caffe types netengine does not implement (yet): named as such, never "no such type".
-UNIMPLEMENTED_BVLC_TYPES = ("HDF5Output",)
-
-
 def register(cls: type[Layer]) -> type[Layer]:
     """Class decorator: make ``cls`` the implementation of prototxt type ``cls.type``."""
     if not cls.type:
@@ -53,8 +49,6 @@ def layer_class(type_name: str) -> type[Layer]:
     if type_name in FORK_LAYER_TYPES:
         raise LayerError(f"BVLC Caffe has no layer type '{type_name}' (it comes from "
                          f"{FORK_LAYER_TYPES[type_name]}, a Caffe fork); netengine follows BVLC")
-    if type_name in UNIMPLEMENTED_BVLC_TYPES:
-        raise LayerError(f"BVLC Caffe layer type '{type_name}' is not implemented by netengine")
     close = difflib.get_close_matches(type_name, known, n=1, cutoff=0.5)
     lowered = {k.lower(): k for k in known}
     if type_name.lower() in lowered:

@@ -485,11 +485,11 @@ class DummyData(Layer):
         pass
 
 
-def _import_h5py():
+def _import_h5py(layer_type: str = "HDF5Data"):
     try:
         import h5py
     except ImportError:
-        raise LayerError("HDF5Data needs the h5py package: pip install 'netengine[hdf5]' "
+        raise LayerError(f"{layer_type} needs the h5py package: pip install 'netengine[hdf5]' "
                          "(or pip install h5py)") from None
     return h5py
 
@@ -651,6 +651,51 @@ class HDF5Data(Layer):
 
 
 # -- image readers --------------------------------------------------------------------------------
+@register
+class HDF5Output(Layer):
+    """Caffe's HDF5Output: each forward pass writes bottom 0 as dataset "data" and bottom 1
+    as dataset "label" (float32, the bottoms' shapes) into ``hdf5_output_param.file_name``.
+
+    The file is created (truncated) at setup. Caffe can save only one batch (a second write
+    of the same dataset fails there); here each pass replaces the datasets with the newest
+    batch, so the file holds the last batch seen. No tops and no gradients. Needs h5py.
+    """
+
+    type = "HDF5Output"
+    exact_bottoms = 2
+    exact_tops = 0
+
+    def layer_setup(self, bottom: list[Blob], top: list[Blob]) -> None:
+        try:
+            self._h5py = _import_h5py(self.type)
+        except LayerError as err:
+            raise err.with_context(layer=self.name, layer_type=self.type) from None
+        self.file_name = self.layer_param.hdf5_output_param.file_name
+        if not self.file_name:
+            raise self.fail("hdf5_output_param.file_name must be given")
+        self._write({})
+
+    def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
+        if bottom[0].shape[:1] != bottom[1].shape[:1]:
+            raise self.fail(f"data and label must have the same number of items, got "
+                            f"{bottom[0].shape} and {bottom[1].shape}")
+
+    def _write(self, datasets: dict) -> None:
+        try:
+            with self._h5py.File(self.file_name, "w") as handle:
+                for name, values in datasets.items():
+                    handle.create_dataset(name, data=values)
+        except OSError as err:
+            raise self.fail(f"cannot write {self.file_name}: {err}") from None
+
+    def compute_forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        self._write({"data": bottom[0].host_data().astype(np.float32),
+                     "label": bottom[1].host_data().astype(np.float32)})
+
+    def compute_backward(self, top, propagate_down, bottom) -> None:
+        """Nothing flows back (Caffe's HDF5Output has no gradient)."""
+
+
 def _image_path(name: str, dirs: tuple, where: str) -> Path:
     found = datasets.resolve_source(name, dirs, gz=False)
     if found is None:
