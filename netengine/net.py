@@ -634,7 +634,7 @@ class Net:
     def set_input_arrays(self, data, labels, layer_index: int = 0) -> None:
         """Feed the first MemoryData layer (pycaffe's ``set_input_arrays``)."""
         for layer in self.layers[layer_index:]:
-            if hasattr(layer, "set_input_arrays"):
+            if callable(getattr(type(layer), "set_input_arrays", None)):  # MemoryData's
                 layer.set_input_arrays(data, labels)
                 return
         raise NetEngineError("set_input_arrays needs a MemoryData layer in the net")

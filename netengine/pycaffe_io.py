@@ -30,6 +30,13 @@ def load_image(filename: str | os.PathLike, color: bool = True) -> np.ndarray:
     image_module = import_pillow()
     try:
         with image_module.open(filename) as image:
+            wide = _WIDE_MODES.get(image.mode)
+            if image.mode == "I" and image.format == "PNG":  # a 16-bit PNG, as older Pillows
+                wide = 65535.0                                # open them
+            if wide is not None:  # one channel of 16/32 bits: Pillow's convert would clip
+                pixels = np.asarray(image, dtype=np.float32) / wide
+                pixels = pixels[:, :, None]
+                return np.repeat(pixels, 3, axis=2) if color else pixels
             pixels = np.asarray(image.convert("RGB" if color else "L"), dtype=np.float32)
     except FileNotFoundError:
         raise NetEngineError(f"image file not found: {filename}") from None
@@ -37,6 +44,12 @@ def load_image(filename: str | os.PathLike, color: bool = True) -> np.ndarray:
         raise NetEngineError(f"cannot decode image {filename}: {err}") from None
     pixels /= 255.0
     return pixels if color else pixels[:, :, None]
+
+
+# Pillow's single-channel modes wider than 8 bits, and the value that maps to 1.0 (as
+# scikit-image's img_as_float scales them).
+_WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 2147483647.0,
+               "F": 1.0}
 
 
 def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1) -> np.ndarray:
@@ -247,7 +260,7 @@ def datum_to_array(datum) -> np.ndarray:
     """A Datum's values as (C, H, W): uint8 from ``data``, float64 from ``float_data``."""
     shape = (datum.channels, datum.height, datum.width)
     if len(datum.data):
-        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
+        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape).copy()  # writable
     return np.array(datum.float_data, dtype=np.float64).reshape(shape)
 
 

@@ -262,7 +262,7 @@ def read_state(path: str | os.PathLike) -> SolverStateData:
     if path.name.endswith(".h5") or is_hdf5(path):
         return _read_state_hdf5(path)
     message = read_binary_proto(path, caffe_pb2.SolverState())
-    if not message.history and not message.learned_net:
+    if not message.history:  # every state of a net with weights has history blobs
         _refuse_weights_as_state(path)
     try:
         history = [blob_array(blob) for blob in message.history]
@@ -272,8 +272,9 @@ def read_state(path: str | os.PathLike) -> SolverStateData:
 
 
 def _refuse_weights_as_state(path: Path) -> None:
-    """A caffemodel parses as an empty SolverState (its fields read as unknown ones): say
-    what the file is instead of complaining later about missing history."""
+    """A caffemodel parses as a SolverState without history (its fields read as unknown
+    ones, or a V1 file's ``layers`` as ``learned_net``): say what the file is instead of
+    complaining later about missing history."""
     net = caffe_pb2.NetParameter()
     try:
         net.ParseFromString(path.read_bytes())

@@ -659,14 +659,15 @@ class Solver:
         return (it - 1) // p.test_interval + (1 if p.test_initialization else 0)
 
     def seek_data(self) -> None:
-        """Tell data layers with ``seek(batch_index)`` which batch comes next."""
+        """Tell data layers with ``seek(batch_index)`` which batch comes next (the engine's
+        own layer classes only: a Python layer's user object may use the name otherwise)."""
         for layer in self.net.layers:
-            if hasattr(layer, "seek"):
+            if callable(getattr(type(layer), "seek", None)):
                 layer.seek(self.iter * self.param.iter_size)
         done = self.tests_done_before(self.iter)
         for i, net in enumerate(self.test_nets):
             for layer in net.layers:
-                if hasattr(layer, "seek"):
+                if callable(getattr(type(layer), "seek", None)):
                     layer.seek(done * self.param.test_iter[i])
 
     def __repr__(self) -> str:

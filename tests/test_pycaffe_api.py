@@ -193,6 +193,28 @@ def test_python_layer_is_reached_as_the_users_object(tmp_path):
     assert np.all(net.forward()["out"] == 7.0)
 
 
+def test_a_users_seek_attribute_is_not_the_engines(tmp_path):
+    """The solver seeks the engine's data layers on restore; a Python layer's own attribute
+    of that name (reachable through the wrapper) is left alone."""
+    (tmp_path / "seeker_mod.py").write_text(PY_MODULE + "\n    seek = 0\n")
+    net = tmp_path / "py.prototxt"
+    net.write_text('layer { name: "feed" type: "Python" top: "out" python_param { '
+                   'module: "seeker_mod" layer: "Feeder" param_str: "3" } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "out" top: "ip" '
+                   'inner_product_param { num_output: 1 } }\n'
+                   'layer { name: "loss" type: "Reduction" bottom: "ip" top: "loss" '
+                   'loss_weight: 1 }\n')
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "{net}"\nbase_lr: 0.01\nlr_policy: "fixed"\n'
+                      f'snapshot_prefix: "{tmp_path / "s"}"\n')
+    train = caffe.get_solver(str(solver))
+    assert train.net.layers[0].seek == 0
+    train.step(2)
+    _, state = train.snapshot()
+    train.restore(state)  # used to call the user's 0
+    assert train.iter == 2
+
+
 # -- errors name what the user asked for ----------------------------------------------------------
 def test_reshape_errors_name_file_line_and_layer(deploy):
     net = caffe.Net(str(deploy[0]), caffe.TEST)

@@ -100,6 +100,7 @@ def test_datum_round_trips():
     assert datum.data == pixels.tobytes() and datum.label == 7 and not datum.float_data
     back = caffe.io.datum_to_array(datum)
     assert back.dtype == np.uint8 and np.array_equal(back, pixels)
+    back -= 1  # a writable copy, as pycaffe's
     floats = caffe.io.array_to_datum(pixels.astype(np.float32) / 2)
     assert not floats.data and not floats.HasField("label")
     np.testing.assert_array_equal(caffe.io.datum_to_array(floats), pixels / 2)
@@ -123,6 +124,18 @@ def test_load_image_rgb_and_gray(tmp_path):
     assert gray.shape == (2, 3, 1) and 0.29 < gray[0, 0, 0] < 0.31  # 601 luma of red
     with pytest.raises(NetEngineError, match="image file not found"):
         caffe.io.load_image(str(tmp_path / "missing.png"))
+
+
+def test_load_image_16_bit_keeps_its_range(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    ramp = (np.arange(12, dtype=np.uint16) * 5000).reshape(3, 4)
+    path = tmp_path / "deep.png"
+    image_module.fromarray(ramp).save(path)
+    gray = caffe.io.load_image(str(path), color=False)
+    np.testing.assert_allclose(gray[:, :, 0], ramp / 65535.0, rtol=1e-6)
+    rgb = caffe.io.load_image(str(path))
+    assert rgb.shape == (3, 4, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    np.testing.assert_allclose(rgb[..., 1], ramp / 65535.0, rtol=1e-6)
 
 
 # -- Classifier -------------------------------------------------------------------------------

@@ -117,7 +117,38 @@ def test_lstm_exposed_states_and_their_gradients(xp):
     np.testing.assert_allclose(host(top[0].data), ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(host(top[1].data)[0], h_t, rtol=1e-10)
     np.testing.assert_allclose(host(top[2].data)[0], c_t, rtol=1e-10)
-    check_gradient(layer, bottom, top, check_bottom=[0, 2, 3])
+    check_exposed_backward(layer, bottom, top, first_state=2)
+
+
+def check_exposed_backward(layer, bottom, top, first_state):
+    """Caffe's rule for exposed states: their top diffs are ignored and no gradient reaches
+    the initial-state bottoms; x's gradient is that of the output top alone."""
+    rng = np.random.default_rng(3)
+    xp = bottom[0].xp
+    weight = rng.normal(size=top[0].shape)
+    layer.forward(bottom, top)
+    top[0].diff[...] = backend.to_module(weight, xp)
+    grads = []
+    for state_diff in (1.0, 0.0):
+        for t in top[1:]:
+            t.diff[...] = state_diff
+        for b in bottom:
+            b.diff[...] = 7.0
+        layer.backward(top, [i != 1 for i in range(len(bottom))], bottom)
+        grads.append(host(bottom[0].diff).copy())
+        for b in bottom[first_state:]:
+            assert not host(b.diff).any()
+    np.testing.assert_array_equal(grads[0], grads[1])
+    x = bottom[0].data
+    for index in [(0, 0, 0), (1, 1, 2), (2, 0, 3)]:
+        values = []
+        for step in (1e-5, -1e-5):
+            x[index] += step
+            layer.forward(bottom, top)
+            values.append(float((host(top[0].data) * weight).sum()))
+            x[index] -= step
+        numeric = (values[0] - values[1]) / 2e-5
+        np.testing.assert_allclose(grads[0][index], numeric, rtol=1e-5, atol=1e-8)
 
 
 def test_lstm_carries_its_state_across_forward_passes_unless_cont_resets_it():
@@ -167,7 +198,31 @@ def test_rnn_exposed_hidden_and_static_input(xp):
     top = setup_layer(layer, bottom, num_tops=2)
     assert [b.shape for b in layer.blobs] == [(3, 4), (3,), (3, 3), (3, 3), (3, 3), (3,)]
     assert top[1].shape == (1, 2, 3)
-    check_gradient(layer, bottom, top, check_bottom=[0, 2, 3])
+    layer.forward(bottom, top)
+    w = [host(b.data) for b in layer.blobs]
+    xw_static = host(xs.data) @ w[2].T
+    ref, h_t = rnn_reference(host(x.data), np.array([[1, 1], [1, 0], [1, 1.]]), w[0],
+                             w[1] + xw_static, w[3], w[4], w[5], host(h0.data)[0])
+    np.testing.assert_allclose(host(top[0].data), ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(host(top[1].data)[0], h_t, rtol=1e-10)
+    check_exposed_backward(layer, bottom, top, first_state=3)
+
+
+def test_rnn_output_gradient_survives_an_in_place_layer_on_its_top(xp):
+    """The backward pass must not read o back from the top: an in-place layer may have
+    rewritten it (Sigmoid here)."""
+    layer = recurrent("RNN")
+    x = make_blobs([(3, 2, 4)], xp=xp)[0]
+    bottom = [x, cont_blob(xp, [[0, 0], [1, 1], [1, 1]])]
+    top = setup_layer(layer, bottom)
+    layer.forward(bottom, top)
+    top[0].diff[...] = 1.0
+    layer.backward(top, [True, False], bottom)
+    clean = host(bottom[0].diff).copy()
+    layer.forward(bottom, top)
+    top[0].data[...] = 0.0  # what an in-place layer might leave
+    layer.backward(top, [True, False], bottom)
+    np.testing.assert_array_equal(host(bottom[0].diff), clean)
 
 
 # -- in a net ------------------------------------------------------------------------------------

@@ -185,6 +185,11 @@ def test_weights_given_as_a_state_or_as_a_prototxt_say_what_they_are(tmp_path):
     with pytest.raises(NetEngineError, match=r"s_iter_1\.caffemodel is a binary file .*not "
                                              "the text prototxt expected here"):
         get_solver(model)
+    v1 = caffe_pb2.NetParameter(name="old")  # a V1 caffemodel: its layers are field 2,
+    v1.layers.add(name="conv1", type=caffe_pb2.V1LayerParameter.CONVOLUTION)  # as learned_net
+    (tmp_path / "v1.caffemodel").write_bytes(v1.SerializeToString())
+    with pytest.raises(SolverError, match=r"v1\.caffemodel: this is a caffemodel \(a net of 1"):
+        snapshot.read_state(tmp_path / "v1.caffemodel")
 
 
 def test_snapshot_after_train_and_intervals(tmp_path):

@@ -192,3 +192,8 @@ def test_build_skips_filling_weights_but_checks_fillers(tmp_path):
                                  'num_output: 4 kernel_size: 3 weight_filler { type: "gausian" }'))
     with pytest.raises(NetEngineError, match="unknown filler type 'gausian'"):
         summary.build(path)
+    path.write_text(TINY.replace("inner_product_param { num_output: 5 }",
+                                 'inner_product_param { num_output: 5 weight_filler '
+                                 '{ type: "bilinear" } }', 1))
+    with pytest.raises(NetEngineError, match="bilinear filler needs a 4-D blob"):
+        summary.build(path)  # a filler's shape check still runs

@@ -13,9 +13,12 @@ order, which changes float32 rounding only.
 
 Bottoms are x, cont, then optionally x_static (N, ...): an input seen at every step. With
 ``recurrent_param.expose_hidden`` the initial states follow them (h_0, then c_0 for LSTM, each
-(1, N, H)), and the final states become extra tops. Without it, each forward pass starts from
-the state the previous pass ended in (zero at first, and zero again when N changes), as Caffe
-copies h_T into h_0. ``cont`` = 0 at t = 0 resets that state.
+(1, N, H)), and the final states become extra tops. As in Caffe, no gradient crosses them:
+the final states' top diffs are ignored and the initial states' bottom diffs are zero (Caffe
+shares only their data with the unrolled net: "we can't backpropagate across batches").
+Without ``expose_hidden``, each forward pass starts from the state the previous pass ended in
+(zero at first, and zero again when N changes), as Caffe copies h_T into h_0. ``cont`` = 0
+at t = 0 resets that state.
 """
 from __future__ import annotations
 
@@ -210,9 +213,8 @@ class _Recurrent(Layer):
         if propagate_down[1]:
             raise self.fail("cannot back-propagate to the sequence indicators (cont)")
         xp = bottom[0].xp
-        dstates = [top[1 + k].diff[0] for k in range(len(self.states))] if self.expose else \
-            [xp.zeros((self.n, self.hidden), dtype=bottom[0].dtype) for _ in self.states]
-        dxw, dinit = self.run_backward(top[0].diff, dstates)
+        dstates = [xp.zeros((self.n, self.hidden), dtype=bottom[0].dtype) for _ in self.states]
+        dxw, _ = self.run_backward(top[0].diff, dstates)
         dxw2 = dxw.reshape(self.t_steps * self.n, -1)
         x = bottom[0].data.reshape(self.t_steps * self.n, -1)
         if self.param_propagate_down[0]:
@@ -228,11 +230,10 @@ class _Recurrent(Layer):
                 self.blobs[2].diff[...] += dstatic.T @ xs
             if propagate_down[2]:
                 bottom[2].diff[...] = (dstatic @ self.blobs[2].data).reshape(bottom[2].shape)
-        if self.expose:
-            first = 2 + self.static
-            for k, grad in enumerate(dinit):
-                if propagate_down[first + k]:
-                    bottom[first + k].diff[0] = grad
+        if self.expose:  # Caffe's unrolled net shares only the states' data, not their diffs
+            for k in range(len(self.states)):
+                if propagate_down[2 + self.static + k]:
+                    bottom[2 + self.static + k].diff[...] = 0
 
     def run(self, xw, cont, states, out):
         raise NotImplementedError
@@ -267,9 +268,9 @@ class RNN(_Recurrent):
         for t in range(self.t_steps):
             hc = cont[t][:, None] * h
             h = xp.tanh(xw[t] + hc @ w_hh.T)
-            out[t] = xp.tanh(h @ w_ho.T + b_o)
-            self._trace.append((hc, h))
-        self._out = out
+            o = xp.tanh(h @ w_ho.T + b_o)
+            out[t] = o
+            self._trace.append((hc, h, o))  # o kept here: an in-place layer may rewrite the top
         return [h]
 
     def run_backward(self, dout, dstates):
@@ -278,8 +279,8 @@ class RNN(_Recurrent):
         dxw = self.xp.empty((self.t_steps, self.n, self.hidden), dtype=dout.dtype)
         dh_next = dstates[0]
         for t in reversed(range(self.t_steps)):
-            hc, h = self._trace[t]
-            do = dout[t] * (1 - self._out[t] * self._out[t])
+            hc, h, o = self._trace[t]
+            do = dout[t] * (1 - o * o)
             if self.param_propagate_down[first + 1]:
                 self.blobs[first + 1].diff[...] += do.T @ h
             if self.param_propagate_down[first + 2]:
