@@ -50,7 +50,10 @@ def _multistep(p, it: int, step: int) -> tuple[float, int]:
 
 
 def _poly(p, it: int, step: int) -> tuple[float, int]:
-    return p.base_lr * (1.0 - it / p.max_iter) ** p.power, step
+    base = 1.0 - it / p.max_iter
+    if base < 0 and p.power != int(p.power):  # past max_iter: C's pow gives NaN, not complex
+        return math.nan, step
+    return p.base_lr * base ** p.power, step
 
 
 def _sigmoid(p, it: int, step: int) -> tuple[float, int]:

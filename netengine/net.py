@@ -11,12 +11,13 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 
 from netengine import backend
 from netengine.blob import Blob
-from netengine.errors import LayerError, NetEngineError
+from netengine.errors import LayerError, NetEngineError, NetSyntaxError
 from netengine.io import SourceMap, read_binary_proto, read_text_proto
 from netengine.layers import Layer, create_layer
 from netengine.proto import caffe_pb2
@@ -176,6 +177,31 @@ def blob_to_proto(blob: Blob, write_diff: bool = False):
 
 
 # -- the Net ------------------------------------------------------------------------------------
+def _read_weights(path: str) -> caffe_pb2.NetParameter:
+    """A binary caffemodel; a solver state given instead is named as such (it may even parse
+    as a NetParameter without layers, its fields read as other ones)."""
+    try:
+        param = read_binary_proto(path, caffe_pb2.NetParameter())
+    except NetSyntaxError:
+        _refuse_solver_state(path)
+        raise
+    if not (len(param.layer) or len(param.layers)):
+        _refuse_solver_state(path)
+    return param
+
+
+def _refuse_solver_state(path: str) -> None:
+    state = caffe_pb2.SolverState()
+    try:
+        state.ParseFromString(Path(path).read_bytes())
+    except Exception:  # not a solver state either
+        return
+    if len(state.history):
+        raise NetEngineError(f"{path} is a solver state, not weights: resume from it "
+                             "(--snapshot, solver.restore) or load the .caffemodel written "
+                             "beside it")
+
+
 def _batch_slice(value, start: int, batch: int) -> np.ndarray:
     """Items [start, start + batch) of ``value`` on the host, zero-padded to a full batch as
     pycaffe pads the last one."""
@@ -355,7 +381,8 @@ class Net:
                 self._blobs[name] = blob
                 self._blob_need_backward[name] = False
                 tops.append(blob)
-            available.add(name)
+            if j < len(param.top):  # Caffe's anonymous automatic tops are never outputs
+                available.add(name)
         if layer.is_input:
             self.inputs.extend(top_names)
         layer.setup(bottoms, tops)
@@ -473,7 +500,8 @@ class Net:
                              f"{owner.shape} vs this layer {blob.shape}", **self._context(i))
 
     def _collect_outputs(self) -> None:
-        self.outputs = [name for name in self._blobs if name in self._available]
+        # Caffe keeps the remaining blobs in a std::set: outputs come sorted by name.
+        self.outputs = sorted(self._available)
 
     # -- pycaffe-shaped views --------------------------------------------------------------------
     @property
@@ -713,12 +741,12 @@ class Net:
         if isinstance(source, caffe_pb2.NetParameter):
             param, where = source, None
         else:
-            where = str(source)
-            if where.endswith(".h5"):
-                from netengine import snapshot
+            from netengine import snapshot
 
+            where = str(source)
+            if snapshot.is_hdf5(where):  # by content, as Caffe's CopyTrainedLayersFrom
                 return snapshot.load_weights_hdf5(self, where)
-            param = read_binary_proto(where, caffe_pb2.NetParameter())
+            param = _read_weights(where)
         by_name = self.layer_dict
         ignored, copied = [], 0
         for source_layer in list(param.layer) or list(param.layers):

@@ -158,9 +158,7 @@ def load_weights(net, path: str | os.PathLike) -> list[str]:
     source layers the net does not have."""
     if not Path(path).exists():
         raise NetEngineError(f"weights file not found: {path}")
-    if is_hdf5(path):
-        return load_weights_hdf5(net, path)
-    return net.copy_from(str(path))
+    return net.copy_from(str(path))  # binary or HDF5, told apart by content
 
 
 def load_weights_hdf5(net, path: str | os.PathLike) -> list[str]:

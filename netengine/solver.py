@@ -171,10 +171,6 @@ class Solver:
         p = self.param
         if p.iter_size < 1:
             raise self._fail(f"iter_size must be >= 1, got {p.iter_size}")
-        for i, count in enumerate(p.test_iter):
-            if count < 1:
-                raise self._fail(f"test_iter must be >= 1 (batches per test), got {count} for "
-                                 f"test net #{i}")
         if p.average_loss < 1:
             raise self._fail(f"average_loss must be >= 1, got {p.average_loss}")
         if p.regularization_type not in ("L2", "L1"):
@@ -368,8 +364,11 @@ class Solver:
             if p.random_seed >= 0:
                 backend.set_random_seed(_mixed_seed(p.random_seed, self.iter))
             loss = 0.0
-            for _ in range(p.iter_size):
-                loss += net.forward_backward()
+            # A diverging run overflows: the check below names the iteration, NumPy's
+            # per-operation warnings would only clutter the log.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                for _ in range(p.iter_size):
+                    loss += net.forward_backward()
             loss /= p.iter_size
             if not math.isfinite(loss):
                 raise SolverError(f"iteration {self.iter}: the loss is {loss} (not finite); "
@@ -469,8 +468,12 @@ class Solver:
 
     def get_learning_rate(self) -> float:
         """The rate at the current iteration (advances ``current_step`` for multistep/step)."""
+        before = self.current_step
         rate, self.current_step = lr_policy.learning_rate(self.param, self.iter,
                                                           self.current_step)
+        if self.param.lr_policy == "multistep" and self.current_step != before:
+            log.info("MultiStep Status: Iteration %d, step = %d", self.iter, self.current_step,
+                     extra=at("sgd_solver.cpp:63"))
         return rate
 
     def apply_update(self) -> None:
@@ -578,6 +581,8 @@ class Solver:
         if p.test_compute_loss:
             log.info("Test loss: %s", fmt(loss / max(iters, 1)), extra=at("solver.cpp:391"))
         means = {name: total / max(iters, 1) for name, total in sums.items()}
+        if not means:  # test_iter 0: Caffe runs no batch and prints no output
+            return {}
         self._log_outputs(net, "Test", means, at("solver.cpp:414"))
         return {name: (float(v[0]) if v.size == 1 else v) for name, v in means.items()}
 

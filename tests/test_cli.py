@@ -237,3 +237,15 @@ def test_train_and_time_with_gpu_flag_on_fake_cupy(tmp_path, monkeypatch, capsys
     assert test_cli.main(["--model", "tiny_net.prototxt", "--gpu", "0", "--weights",
                           "snaps/tiny_iter_4.caffemodel", "--iterations", "2"]) == 0
     assert "Total Time:" in capsys.readouterr().err
+
+
+def test_train_level_flag_always_replaces_the_solvers(tmp_path, monkeypatch, capsys):
+    """caffe train sets train_state.level from --level (default 0) whatever the file says."""
+    monkeypatch.chdir(tmp_path)
+    path = _solver(tmp_path, "train_state { level: 2 }\n")
+    net = tmp_path / "tiny_net.prototxt"  # a broken layer that only levels <= 1 include
+    net.write_text(net.read_text() + 'layer { name: "low" type: "Silence" bottom: "nowhere" '
+                   'include { phase: TRAIN max_level: 1 } }\n')
+    assert train_cli.main(["--solver", str(path), "--max_iter", "0"]) == 1
+    assert "layer 'low'" in capsys.readouterr().err  # level 0 from the flag, not 2
+    assert train_cli.main(["--solver", str(path), "--max_iter", "0", "-level", "2"]) == 0

@@ -9,6 +9,7 @@ from google.protobuf import text_format
 
 import netengine
 from netengine import net as net_module
+from netengine import snapshot
 from netengine.errors import NetEngineError
 from netengine.layers import REGISTRY, layer_type_list
 from netengine.net import Net, blob_to_proto, insert_splits, layer_included, state_meets_rule
@@ -295,6 +296,28 @@ def test_save_and_copy_from_round_trip(tmp_path, suffix):
             np.testing.assert_array_equal(a.data, b.data)
 
 
+def test_weights_format_is_told_by_content_not_name(tmp_path):
+    pytest.importorskip("h5py")
+    net = ip_net()
+    binary, hdf5 = tmp_path / "binary.caffemodel.h5", tmp_path / "hdf5.caffemodel"
+    snapshot.write_model(net, binary)
+    snapshot.write_model_hdf5(net, hdf5)
+    for path in (binary, hdf5):
+        other = ip_net()
+        other.params["ip2"][0].data[...] = 0
+        assert other.copy_from(str(path)) == []
+        np.testing.assert_array_equal(other.params["ip2"][0].data, net.params["ip2"][0].data)
+
+
+def test_solver_state_given_as_weights_is_named(tmp_path):
+    state = caffe_pb2.SolverState(iter=5)
+    state.history.add().data.extend([1.0, 2.0])
+    path = tmp_path / "x.solverstate"
+    path.write_bytes(state.SerializeToString())
+    with pytest.raises(NetEngineError, match=r"x\.solverstate is a solver state, not weights"):
+        ip_net().copy_from(str(path))
+
+
 def test_copy_from_legacy_4d_shapes_and_ignored_layers():
     net = ip_net()
     source = caffe_pb2.NetParameter()
@@ -446,3 +469,18 @@ def test_forward_all_batches_and_trims():
     w = net.params["ip"][0].data
     np.testing.assert_allclose(out, x @ w.T, rtol=1e-5, atol=1e-6)
     assert out.shape == (10, 2)
+
+
+def test_outputs_sorted_by_name_and_automatic_tops_are_not_outputs(tmp_path):
+    text = ('layer { name: "x" type: "Input" top: "x" top: "t" input_param { shape { dim: 4 '
+            'dim: 3 } shape { dim: 4 } } }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" '
+            'inner_product_param { num_output: 3 } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "t" top: "loss" }\n'
+            'layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "t" top: "accuracy" }\n'
+            'layer { name: "anon" type: "SoftmaxWithLoss" bottom: "ip" bottom: "t" }\n')
+    net = net_from_text(text, tmp_path=tmp_path)
+    assert net.outputs == ["accuracy", "loss"]  # Caffe's std::set order, not layer order
+    out = net.forward(t=np.zeros(4))
+    assert list(out) == ["accuracy", "loss"]
+    assert net.last_loss == pytest.approx(2 * float(out["loss"]))  # the anonymous loss counts

@@ -289,6 +289,13 @@ def test_lr_policies(policy, extra, formula):
         assert rate == pytest.approx(formula(it), rel=1e-6), (policy, it)
 
 
+def test_lr_poly_past_max_iter_is_nan_as_in_c():
+    param = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="poly", power=0.5, max_iter=5)
+    assert math.isnan(lr_policy.learning_rate(param, 8, 0)[0])
+    param.power = 2.0  # an integer power stays real
+    assert lr_policy.learning_rate(param, 8, 0)[0] == pytest.approx(0.1 * 0.36)
+
+
 def test_lr_multistep_keeps_current_step():
     param = caffe_pb2.SolverParameter(base_lr=1.0, lr_policy="multistep", gamma=0.1,
                                       stepvalue=[2, 3, 6])
@@ -533,12 +540,15 @@ def test_update_rules_on_the_gpu_path(kind, tmp_path, fake_gpu):
                                       netengine.backend.to_host(theirs.data))
 
 
-def test_test_iter_below_one_is_refused_at_load(tmp_path):
+def test_test_iter_zero_runs_an_empty_test_as_caffe(tmp_path):
     net = write_tiny(tmp_path)
     path = tmp_path / "s.prototxt"
-    path.write_text(f'net: "{net}"\nlr_policy: "fixed"\ntest_iter: 0\ntest_interval: 1\n')
-    with pytest.raises(SolverError, match=r"s\.prototxt: test_iter must be >= 1 .*got 0"):
-        get_solver(str(path))
+    path.write_text(f'net: "{net}"\nlr_policy: "fixed"\nbase_lr: 0.01\ntest_iter: 0\n'
+                    'test_interval: 1\n')
+    solver = get_solver(str(path))
+    feeder = Feeder(solver.net, *tiny_data(2))
+    solver.step(2)
+    assert solver.test_all() == [{}] and feeder.k == 2  # no test batch was run
 
 
 def test_unwritable_snapshot_prefix_fails_before_training(tmp_path):

@@ -18,6 +18,8 @@ CuPy or the GPU is missing. Without ``--gpu``, a solver file's explicit ``solver
 with a warning otherwise, so Caffe's own solver files run unmodified on CPU-only machines.
 
 ``--max_iter`` (netengine only) overrides the solver's max_iter, e.g. for a short check run.
+As ``caffe train`` does, ``--level`` (default 0) replaces the solver's train_state level and
+``--stage`` adds to its stages. Caffe's single-dash spelling (``-solver S``) works too.
 """
 from __future__ import annotations
 
@@ -128,8 +130,7 @@ def train(args) -> int:
     if args.max_iter is not None and args.max_iter < 0:
         raise NetEngineError(f"--max_iter must be >= 0, got {args.max_iter}")
     param = read_solver_param(args.solver)
-    if args.level:
-        param.train_state.level = args.level
+    param.train_state.level = args.level  # always, as caffe train does (default 0)
     if stages(args.stage):
         param.train_state.stage.extend(stages(args.stage))
     if args.max_iter is not None:
