@@ -13,6 +13,7 @@ import pytest
 
 import netengine
 from netengine import lr_policy
+from netengine import solver as solver_module
 from netengine.errors import SolverError
 from netengine.layers import REGISTRY, layer_type_list
 from netengine.proto import caffe_pb2
@@ -474,11 +475,21 @@ def test_train_net_must_be_given_once(tmp_path, monkeypatch):
         get_solver("s.prototxt")
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NumPy's overflow noise stays out
 def test_nan_loss_stops_with_iteration(tmp_path):
     solver, feeder = tiny_solver(tmp_path, solver_text("SGD", base_lr=1e30))
     with pytest.raises(SolverError, match=r"iteration \d+: the loss is (nan|inf)"):
         solver.step(20)
+
+
+def test_multistep_logs_its_status_when_the_step_advances(tmp_path, monkeypatch):
+    lines = []
+    monkeypatch.setattr(solver_module.log, "info", lambda msg, *a, **k: lines.append(msg % a))
+    solver, _ = tiny_solver(tmp_path, solver_text("SGD") + 'lr_policy: "multistep"\n'
+                            "gamma: 0.5\nstepvalue: 2\nstepvalue: 4\n")
+    solver.step(5)
+    assert [ln for ln in lines if ln.startswith("MultiStep")] == [
+        "MultiStep Status: Iteration 2, step = 1", "MultiStep Status: Iteration 4, step = 2"]
 
 
 def test_inline_net_param_and_train_state(tmp_path):
