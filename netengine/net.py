@@ -20,6 +20,7 @@ from netengine.blob import Blob
 from netengine.errors import LayerError, NetEngineError, NetSyntaxError
 from netengine.io import SourceMap, read_binary_proto, read_text_proto
 from netengine.layers import Layer, create_layer
+from netengine.logging_glog import at, fmt
 from netengine.proto import caffe_pb2
 
 log = logging.getLogger("netengine")
@@ -177,6 +178,11 @@ def blob_to_proto(blob: Blob, write_diff: bool = False):
 
 
 # -- the Net ------------------------------------------------------------------------------------
+def _abs_mean(values) -> float:
+    """Caffe's asum / count for debug_info lines."""
+    return float(abs(values).sum()) / max(values.size, 1)
+
+
 def _read_weights(path: str) -> caffe_pb2.NetParameter:
     """A binary caffemodel; a solver state given instead is named as such (it may even parse
     as a NetParameter without layers, its fields read as other ones)."""
@@ -250,6 +256,7 @@ class Net:
         param, lines = self._upgrade(param, source)
         self.name = param.name
         self.force_backward = param.force_backward
+        self.debug_info = param.debug_info  # per-layer mean |data| / |diff| lines (Caffe's)
         state = caffe_pb2.NetState()
         state.CopyFrom(param.state)
         state.phase = self.phase
@@ -450,6 +457,7 @@ class Net:
         self.param_owners: list[int] = []
         self.param_display_names: list[str] = []
         self._param_layer_indices: list[tuple[int, int]] = []
+        self._param_ids: list[list[int]] = [[] for _ in self.layers]  # [layer][j] → net id
         owner_by_name: dict[str, int] = {}
         has_lr: list[bool] = []
         has_decay: list[bool] = []
@@ -461,7 +469,8 @@ class Net:
                 spec = specs[j] if j < len(specs) else default_spec
                 net_id = len(self._param_layer_indices)
                 self._param_layer_indices.append((i, j))
-                self.param_display_names.append(spec.name or str(net_id))
+                self._param_ids[i].append(net_id)
+                self.param_display_names.append(spec.name or str(j))  # Caffe's display name
                 if not spec.name or spec.name not in owner_by_name:
                     if spec.name:
                         owner_by_name[spec.name] = net_id
@@ -580,9 +589,49 @@ class Net:
                 loss += self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
             except NetEngineError as err:
                 raise err.with_context(**self._context(i)) from None
+            if self.debug_info:
+                self._forward_debug_info(i)
             for cb in after:
                 cb(i)
         return loss
+
+    # -- debug_info: Caffe's mean absolute values per blob, logged as the net runs -------------
+    def _forward_debug_info(self, i: int) -> None:
+        name = self._layer_names[i]
+        for blob_name, blob in zip(self.top_ids[i], self.top_vecs[i]):
+            log.info("    [Forward] Layer %s, top blob %s data: %s", name, blob_name,
+                     fmt(_abs_mean(blob.data)), extra=at("net.cpp:933"))
+        for j, blob in enumerate(self.layers[i].blobs):
+            log.info("    [Forward] Layer %s, param blob %s data: %s", name,
+                     self.param_display_names[self._param_ids[i][j]], fmt(_abs_mean(blob.data)),
+                     extra=at("net.cpp:944"))
+
+    def _backward_debug_info(self, i: int) -> None:
+        name, layer = self._layer_names[i], self.layers[i]
+        for j, (blob_name, blob) in enumerate(zip(self.bottom_ids[i], self.bottom_vecs[i])):
+            if self.bottom_need_backward[i][j]:
+                log.info("    [Backward] Layer %s, bottom blob %s diff: %s", name, blob_name,
+                         fmt(_abs_mean(blob.diff)), extra=at("net.cpp:961"))
+        for j, blob in enumerate(layer.blobs):
+            if j < len(layer.param_propagate_down) and layer.param_propagate_down[j]:
+                log.info("    [Backward] Layer %s, param blob %d diff: %s", name, j,
+                         fmt(_abs_mean(blob.diff)), extra=at("net.cpp:972"))
+
+    def update_debug_info(self) -> None:
+        """Caffe's UpdateDebugInfo for every param, before the update is applied."""
+        for net_id, (i, j) in enumerate(self._param_layer_indices):
+            blob, owner = self.layers[i].blobs[j], self.param_owners[net_id]
+            display = self.param_display_names[net_id]
+            if owner < 0:
+                log.info("    [Update] Layer %s, param %s data: %s; diff: %s",
+                         self._layer_names[i], display, fmt(_abs_mean(blob.data)),
+                         fmt(_abs_mean(blob.diff)), extra=at("net.cpp:988"))
+            else:
+                log.info("    [Update] Layer %s, param blob %s (owned by layer %s, param %s) "
+                         "diff: %s", self._layer_names[i], display,
+                         self._layer_names[self._param_layer_indices[owner][0]],
+                         self.param_display_names[owner], fmt(_abs_mean(blob.diff)),
+                         extra=at("net.cpp:993"))
 
     def backward_from_to(self, start: int, end: int) -> None:
         before, after = self._callbacks["before_backward"], self._callbacks["after_backward"]
@@ -593,6 +642,8 @@ class Net:
                 cb(i)
             self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
                                     self.bottom_vecs[i])
+            if self.debug_info:
+                self._backward_debug_info(i)
             for cb in after:
                 cb(i)
 

@@ -158,6 +158,7 @@ class Solver:
             backend.set_random_seed(param.random_seed)
         self._add_data_search_dir()
         self.net = self._init_train_net()
+        self._net_debug_info = self.net.debug_info
         self.test_nets = self._init_test_nets()
         self._load_finetune_weights()
         self._presolve()
@@ -361,6 +362,8 @@ class Solver:
             for callback in self._callbacks:
                 callback.on_start()
             display = p.display and self.iter % p.display == 0
+            # Caffe: the solver's debug_info shows on display iterations; a net's own always
+            net.debug_info = bool(display and p.debug_info) or self._net_debug_info
             if p.random_seed >= 0:
                 backend.set_random_seed(_mixed_seed(p.random_seed, self.iter))
             loss = 0.0
@@ -488,6 +491,8 @@ class Solver:
             self.normalize(i)
             self.regularize(i)
             self.compute_update_value(i, rate)
+        if self.net.debug_info:
+            self.net.update_debug_info()
         self.net.update()
 
     def _s(self, value: float):
@@ -699,7 +704,8 @@ class SGDSolver(Solver):
 
     def apply_update(self) -> None:
         params = self.net.learnable_params
-        if type(self) is not SGDSolver or any(b.xp is not np for b in params):
+        if type(self) is not SGDSolver or any(b.xp is not np for b in params) or \
+                self.net.debug_info:  # the generic path logs the [Update] lines
             return super().apply_update()
         p = self.param
         rate = self.get_learning_rate()

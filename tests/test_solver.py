@@ -587,3 +587,26 @@ def test_errors_in_a_net_inside_the_solver_file_name_that_file(tmp_path):
     with pytest.raises(netengine.NetEngineError,
                        match=r"consolidated\.prototxt: layer 'bad' \(Flatten\): unknown bottom"):
         get_solver(str(path))
+
+
+def test_debug_info_lines_on_display_iterations(tmp_path, monkeypatch):
+    from netengine import net as net_module
+
+    lines = []
+    monkeypatch.setattr(net_module.log, "info", lambda msg, *a, **k: lines.append(msg % a))
+    solver, _ = tiny_solver(tmp_path, solver_text("SGD") + "debug_info: true\ndisplay: 2\n")
+    solver.step(3)
+    forward = [ln for ln in lines if "[Forward]" in ln]
+    backward = [ln for ln in lines if "[Backward]" in ln]
+    update = [ln for ln in lines if "[Update]" in ln]
+    # iterations 0 and 2 only; the tiny net's ip layer: its top and its two params
+    assert len(update) == 2 * 2 and len(forward) == 2 * 6  # tops x, y, ip, loss; 2 params
+    assert any(ln.startswith("    [Forward] Layer ip, param blob 0 data: ") for ln in forward)
+    assert any(ln.startswith("    [Backward] Layer ip, param blob 1 diff: ") for ln in backward)
+    assert update[0].startswith("    [Update] Layer ip, param 0 data: ") and "; diff: " in update[0]
+    value = float(forward[0].rsplit(": ", 1)[1])
+    assert value > 0
+    lines.clear()
+    solver.param.debug_info = False
+    solver.step(2)
+    assert not [ln for ln in lines if "[Forward]" in ln]
