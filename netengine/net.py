@@ -276,6 +276,9 @@ class Net:
         self._backward_needs()
         self._share_params()
         self._collect_outputs()
+        for name in self.outputs:
+            log.info("This network produces output %s", name, extra=at("net.cpp:257"))
+        log.info("Network initialization done.", extra=at("net.cpp:270"))
 
     def _read(self, network) -> tuple[caffe_pb2.NetParameter, SourceMap]:
         if isinstance(network, caffe_pb2.NetParameter):
@@ -392,7 +395,18 @@ class Net:
                 available.add(name)
         if layer.is_input:
             self.inputs.extend(top_names)
+        log.info("Creating Layer %s", param.name, extra=at("net.cpp:84"))
+        for bottom_name in param.bottom:
+            log.info("%s <- %s", param.name, bottom_name, extra=at("net.cpp:406"))
+        for top_name in top_names:
+            log.info("%s -> %s", param.name, top_name, extra=at("net.cpp:380"))
         layer.setup(bottoms, tops)
+        log.info("Setting up %s", param.name, extra=at("net.cpp:122"))
+        for j, blob in enumerate(tops):
+            log.info("Top shape: %s", blob.shape_string(), extra=at("net.cpp:129"))
+            if layer.loss_weights and j < len(layer.loss_weights) and layer.loss_weights[j]:
+                log.info("    with loss weight %s", fmt(layer.loss_weights[j]),
+                         extra=at("net.cpp:137"))
         self.bottom_vecs.append(bottoms)
         self.top_vecs.append(tops)
         self.bottom_ids.append(list(param.bottom))

@@ -484,3 +484,12 @@ def test_outputs_sorted_by_name_and_automatic_tops_are_not_outputs(tmp_path):
     out = net.forward(t=np.zeros(4))
     assert list(out) == ["accuracy", "loss"]
     assert net.last_loss == pytest.approx(2 * float(out["loss"]))  # the anonymous loss counts
+
+
+def test_construction_logs_caffes_setup_lines(monkeypatch):
+    lines = []
+    monkeypatch.setattr(net_module.log, "info", lambda msg, *a, **k: lines.append(msg % a))
+    ip_net(loss="loss_weight: 2")
+    assert "Creating Layer ip1" in lines and "ip1 <- x" in lines and "ip1 -> h" in lines
+    assert "Top shape: 4 3 (12)" in lines and "    with loss weight 2" in lines
+    assert lines[-2:] == ["This network produces output loss", "Network initialization done."]
