@@ -204,12 +204,19 @@ def array_to_datum(image: np.ndarray, label: int = 0) -> caffe_pb2.Datum:
     return datum
 
 
-def datum_to_array(datum: caffe_pb2.Datum) -> tuple[np.ndarray, int]:
-    """(C, H, W) image (uint8 for byte data, float32 for float_data) and the label."""
+def datum_to_array(datum: caffe_pb2.Datum, color: bool | None = None) -> tuple[np.ndarray, int]:
+    """(C, H, W) image (uint8 for byte data, float32 for float_data) and the label.
+
+    Encoded records (PNG/JPEG bytes, ``convert_imageset --encoded``) are decoded as Caffe's
+    DecodeDatumToCVMat does: ``color`` True → 3 channels BGR (force_color), False → 1 gray
+    channel (force_gray), None → the image's own channels (gray stays gray).
+    """
     shape = (datum.channels, datum.height, datum.width)
     if datum.encoded:
-        raise NetEngineError("encoded (compressed-image) Datum records are not supported: "
-                             "write raw pixels (convert_imageset without --encoded)")
+        is_color = color
+        if is_color is None:  # native: as stored
+            is_color = _stored_channels(datum.data) != 1
+        return decode_image(datum.data, is_color, name="encoded Datum"), datum.label
     count = int(np.prod(shape))
     if datum.data:
         if len(datum.data) != count:
@@ -222,12 +229,12 @@ def datum_to_array(datum: caffe_pb2.Datum) -> tuple[np.ndarray, int]:
     return np.asarray(datum.float_data, dtype=np.float32).reshape(shape), datum.label
 
 
-def decode_datum(value: bytes) -> tuple[np.ndarray, int]:
+def decode_datum(value: bytes, color: bool | None = None) -> tuple[np.ndarray, int]:
     try:
         datum = caffe_pb2.Datum.FromString(value)
     except Exception as err:  # protobuf's DecodeError
         raise NetEngineError(f"not a serialized Datum ({len(value)} bytes): {err}") from None
-    return datum_to_array(datum)
+    return datum_to_array(datum, color)
 
 
 # -- LMDB -----------------------------------------------------------------------------------------
@@ -402,15 +409,16 @@ def _release_lmdb_env(env) -> None:
 class LMDBSource:
     """Caffe's LMDB of Datum records, served by index in key order (thread-safe reads)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, color: bool | None = None) -> None:
         lmdb = import_lmdb()
         self.name = str(path)
+        self.color = color  # for encoded records: force_color / force_gray / native
         self.env = _shared_lmdb_env(lmdb, path)
         with self.env.begin() as txn:
             self.keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
             if not self.keys:
                 raise NetEngineError(f"LMDB {path} holds no records")
-            first, _ = decode_datum(txn.get(self.keys[0]))
+            first, _ = decode_datum(txn.get(self.keys[0]), color)
         self._shape = first.shape
         self._lock = threading.Lock()
 
@@ -427,7 +435,7 @@ class LMDBSource:
             for i in np.asarray(indices).ravel():
                 value = txn.get(self.keys[int(i)])
                 try:
-                    image, label = decode_datum(value)
+                    image, label = decode_datum(value, self.color)
                 except NetEngineError as err:
                     raise NetEngineError(f"{self.name}: record {self.keys[int(i)]!r}: "
                                          f"{err}") from None
@@ -451,7 +459,10 @@ def read_mean_file(path: str | os.PathLike) -> np.ndarray:
     from netengine.io import read_binary_proto
     from netengine.net import blob_from_proto
 
-    array = blob_from_proto(read_binary_proto(path, caffe_pb2.BlobProto()))
+    try:
+        array = blob_from_proto(read_binary_proto(path, caffe_pb2.BlobProto()))
+    except NetEngineError as err:
+        raise NetEngineError(f"mean file {path}: {err.message}") from None
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 3:
@@ -483,8 +494,9 @@ class Transformer:
         """(C, H, W) of a transformed record of input ``shape``; checks the mean and crop."""
         channels, height, width = shape
         if self.mean_file is not None and tuple(self.mean_file.shape) != tuple(shape):
-            raise NetEngineError(f"transform_param: the mean file's shape "
-                                 f"{tuple(self.mean_file.shape)} differs from the records' "
+            named = f" {self.param.mean_file}" if self.param.mean_file else ""
+            raise NetEngineError(f"transform_param: the mean file{named} has "
+                                 f"shape {tuple(self.mean_file.shape)}, the records' is "
                                  f"{tuple(shape)}")
         if len(self.mean_value) not in (0, 1, channels):
             raise NetEngineError(f"transform_param: give 1 mean_value or one per channel "
@@ -555,12 +567,46 @@ def decode_image(data: bytes | str | os.PathLike, is_color: bool = True,
             raise NetEngineError(f"cannot read image {name}: {err.strerror or err}") from None
     try:
         with image_module.open(_io.BytesIO(data)) as image:
+            image = _as_8bit(_upright(image))
             pixels = np.asarray(image.convert("RGB" if is_color else "L"), dtype=np.uint8)
     except Exception as err:  # Pillow's UnidentifiedImageError, OSError, ValueError ...
-        raise NetEngineError(f"cannot decode image {name}: {err}") from None
+        reason = ("not an image format Pillow can read"
+                  if type(err).__name__ == "UnidentifiedImageError" else str(err))
+        raise NetEngineError(f"cannot decode image {name}: {reason}") from None
     if is_color:
         return np.ascontiguousarray(pixels[:, :, ::-1].transpose(2, 0, 1))
     return pixels[None]
+
+
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def _upright(image):
+    """The image turned as its EXIF orientation says (OpenCV's imread does so since 3.1)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
+def _as_8bit(image):
+    """16/32-bit single-channel images reduced to 8 bits by their high byte, as OpenCV's
+    8-bit imread gets them from libpng (Pillow's convert would clip at 255 instead)."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L"):
+        return image
+    from PIL import Image
+
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+    return Image.fromarray(values.astype(np.uint8))  # 2-D uint8: mode L
+
+
+def _stored_channels(data: bytes) -> int:
+    """1 for a gray encoded image, 3 otherwise (Caffe's 'native' decode keeps gray as gray)."""
+    image_module = import_pillow()
+    try:
+        with image_module.open(_io.BytesIO(data)) as image:
+            return 1 if image.mode in _GRAY_MODES else 3
+    except Exception:  # decode_image reports it
+        return 3
 
 
 def linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -255,6 +255,64 @@ def test_data_error_in_prefetch_thread_reaches_forward(tmp_path):
     layer.close()
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    image_module = pytest.importorskip("PIL.Image")
+    out = io.BytesIO()
+    image_module.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@needs_lmdb
+def test_data_decodes_encoded_records(tmp_path):
+    """convert_imageset --encoded: PNG bytes in the Datum, decoded BGR (colour) or gray as
+    stored, or as force_color / force_gray ask."""
+    rgb = np.random.default_rng(0).integers(0, 256, size=(3, 4, 5, 3)).astype(np.uint8)
+    gray = rgb[..., 0]
+    for name, images in (("rgb", rgb), ("gray", gray)):
+        items = [(datasets.lmdb_key(i), caffe_pb2.Datum(encoded=True, data=_png(im), label=i)
+                  .SerializeToString()) for i, im in enumerate(images)]
+        datasets.write_lmdb(tmp_path / name, items)
+    layer, top = data_layer(str(tmp_path / "rgb"), batch=3, extra="backend: LMDB prefetch: 0",
+                            phase=TEST)
+    layer.forward([], top)
+    np.testing.assert_array_equal(top[0].data, rgb[..., ::-1].transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(top[1].data, [0, 1, 2])
+    layer, top = data_layer(str(tmp_path / "gray"), batch=3, extra="backend: LMDB prefetch: 0",
+                            phase=TEST)
+    layer.forward([], top)
+    np.testing.assert_array_equal(top[0].data, gray[:, None])  # native: gray stays gray
+    layer, top = data_layer(str(tmp_path / "gray"), batch=3, transform="force_color: true",
+                            extra="backend: LMDB prefetch: 0", phase=TEST)
+    assert top[0].shape == (3, 3, 4, 5)
+    layer, top = data_layer(str(tmp_path / "rgb"), batch=3, transform="force_gray: true",
+                            extra="backend: LMDB prefetch: 0", phase=TEST)
+    assert top[0].shape == (3, 1, 4, 5)
+    with pytest.raises(NetEngineError, match="cannot set both force_color and force_gray"):
+        data_layer(str(tmp_path / "rgb"), transform="force_color: true force_gray: true",
+                   extra="backend: LMDB")
+
+
+def test_decode_image_turns_exif_orientation_and_keeps_16_bit_high_bytes(tmp_path):
+    import io
+
+    image_module = pytest.importorskip("PIL.Image")
+    pixels = np.zeros((2, 3, 3), np.uint8)
+    pixels[0, 0] = (255, 0, 0)
+    out = io.BytesIO()
+    exif = image_module.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    image_module.fromarray(pixels).save(out, format="PNG", exif=exif)
+    turned = datasets.decode_image(out.getvalue())
+    assert turned.shape == (3, 3, 2) and turned[2, 0, 1] == 255  # red, now top-right, in BGR
+    deep = (np.arange(4, dtype=np.uint16) * 2048 + 100).reshape(1, 4)
+    decoded = datasets.decode_image(_png(deep), is_color=False)
+    np.testing.assert_array_equal(decoded[0, 0], [0, 8, 16, 24])
+    with pytest.raises(NetEngineError, match="cannot decode image x: not an image format"):
+        datasets.decode_image(b"not an image", name="x")
+
+
 # -- Data errors ----------------------------------------------------------------------------------
 def test_missing_source_names_the_path():
     with pytest.raises(NetEngineError) as info:
@@ -304,6 +362,24 @@ def test_data_parameter_errors(tiny_idx):
         data_layer(str(path), transform='mean_file: "m" mean_value: 1')
     with pytest.raises(NetEngineError, match="transform_param.mean_file not found"):
         data_layer(str(path), transform='mean_file: "no_mean.binaryproto"')
+
+
+def test_mean_file_errors_name_the_mean_file(tiny_idx, tmp_path):
+    from netengine.io import write_binary_proto
+
+    path, _ = tiny_idx
+    wrong = tmp_path / "wrong.binaryproto"
+    proto = caffe_pb2.BlobProto()
+    proto.shape.dim.extend([1, 1, 3, 3])
+    proto.data.extend([0.0] * 9)
+    write_binary_proto(wrong, proto)
+    with pytest.raises(NetEngineError, match=f"mean file {wrong} has shape \\(1, 3, 3\\)"):
+        data_layer(str(path), transform=f'mean_file: "{wrong}"')
+    short = tmp_path / "short.binaryproto"
+    del proto.data[5:]
+    write_binary_proto(short, proto)
+    with pytest.raises(NetEngineError, match=f"mean file {short}: blob has 5 values"):
+        data_layer(str(path), transform=f'mean_file: "{short}"')
     with pytest.raises(NetEngineError, match="data_param.source is empty"):
         data_layer("")
     layer, _ = data_layer(str(path))

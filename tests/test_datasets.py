@@ -286,7 +286,7 @@ def test_transform_errors():
                              caffe_pb2.TRAIN).output_shape((3, 4, 4))
     with pytest.raises(NetEngineError, match="crop_size 5 exceeds"):
         datasets.Transformer(_param("crop_size: 5"), caffe_pb2.TRAIN).output_shape((1, 4, 6))
-    with pytest.raises(NetEngineError, match="mean file's shape"):
+    with pytest.raises(NetEngineError, match="the mean file has shape"):
         datasets.Transformer(_param(""), caffe_pb2.TRAIN,
                              np.zeros((1, 2, 2))).output_shape((1, 3, 3))
 

@@ -254,11 +254,18 @@ class Data(Layer):
             if not datasets.is_lmdb(path):
                 raise self.fail(f"{path} is neither an LMDB folder (with data.mdb) nor an MNIST "
                                 "IDX images file")
-            return datasets.LMDBSource(path)
+            return datasets.LMDBSource(path, self._forced_color())
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
             raise self.fail(err.message) from None
+
+    def _forced_color(self) -> bool | None:
+        """transform_param's force_color (True) / force_gray (False) for encoded records."""
+        t = self.layer_param.transform_param
+        if t.force_color and t.force_gray:
+            raise self.fail("transform_param: cannot set both force_color and force_gray")
+        return True if t.force_color else False if t.force_gray else None
 
     def _make_transformer(self, p) -> datasets.Transformer:
         param = caffe_pb2.TransformationParameter()
