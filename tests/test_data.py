@@ -534,13 +534,13 @@ def test_dummy_data_refills_only_random_fillers():
 
 
 @pytest.mark.parametrize("text, n, expected", [
-    ("shape { dim: 1 } shape { dim: 2 }", 3, "give 1 or 3 shape"),
+    ("shape { dim: 1 } shape { dim: 2 }", 3, "needs 1 shape \\(shared\\) or 3 \\(one per top\\), got 2"),
     ("num: 1 channels: 1 height: 1", 1, "'width' value"),
     ("num: 1 channels: 1 height: 1 width: 1 shape { dim: 1 }", 1, "not both"),
     ('shape { dim: 1 } data_filler { type: "constant" } data_filler { type: "constant" }', 3,
      "0, 1 or 3 data_filler"),
     ('shape { dim: 1 } data_filler { type: "gausian" }', 1, "unknown filler type 'gausian'"),
-    ("", 1, "give 1 or 1 shape"),
+    ("", 1, "dummy_data_param needs 1 shape, got 0"),
 ])
 def test_dummy_data_errors(text, n, expected):
     with pytest.raises(NetEngineError, match=expected) as info:
@@ -587,6 +587,12 @@ def h5_files(tmp_path):
         start += n
     (tmp_path / "list.txt").write_text("part0.h5\n\npart1.h5\n")
     return tmp_path
+
+
+def test_hdf5_source_given_an_h5_file_says_it_wants_a_list(h5_files):
+    with pytest.raises(NetEngineError, match=r"part0\.h5 is a binary file \(an \.h5 itself\?\)"):
+        make_layer(f'type: "HDF5Data" top: "data" hdf5_data_param {{ '
+                   f'source: "{h5_files / "part0.h5"}" batch_size: 2 }}').setup([], tops(1))
 
 
 def hdf5_layer(folder: Path, batch: int, shuffle: bool = False):

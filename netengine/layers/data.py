@@ -463,7 +463,8 @@ class DummyData(Layer):
                       for i in range(n)]
         else:
             if len(p.shape) not in (1, n):
-                raise self.fail(f"give 1 or {n} shape(s) (one per top), got {len(p.shape)}")
+                wanted = "1 shape" if n == 1 else f"1 shape (shared) or {n} (one per top)"
+                raise self.fail(f"dummy_data_param needs {wanted}, got {len(p.shape)}")
             shapes = [tuple(p.shape[i if len(p.shape) > 1 else 0].dim) for i in range(n)]
         if len(p.data_filler):
             self.fillers = [p.data_filler[i if len(p.data_filler) > 1 else 0] for i in range(n)]
@@ -536,8 +537,11 @@ class HDF5Data(Layer):
         listing = _resolve(self, "hdf5_data_param.source", p.source, gz=False)
         try:
             lines = [ln.strip() for ln in listing.read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise self.fail(f"cannot read {listing}: {err}") from None
+        except UnicodeDecodeError:
+            raise self.fail(f"{listing} is a binary file (an .h5 itself?): hdf5_data_param."
+                            "source is a text file listing .h5 files, one per line") from None
+        except OSError as err:
+            raise self.fail(f"cannot read {listing}: {err.strerror or err}") from None
         names = [ln for ln in lines if ln and not ln.startswith("#")]
         if not names:
             raise self.fail(f"{listing} lists no HDF5 files")
