@@ -409,10 +409,12 @@ def _release_lmdb_env(env) -> None:
 class LMDBSource:
     """Caffe's LMDB of Datum records, served by index in key order (thread-safe reads)."""
 
-    def __init__(self, path: str | os.PathLike, color: bool | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, color: bool | None = None,
+                 ragged: bool = False) -> None:
         lmdb = import_lmdb()
         self.name = str(path)
         self.color = color  # for encoded records: force_color / force_gray / native
+        self.ragged = ragged  # records may differ in size (they are cropped to one)
         self.env = _shared_lmdb_env(lmdb, path)
         with self.env.begin() as txn:
             self.keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
@@ -439,12 +441,16 @@ class LMDBSource:
                 except NetEngineError as err:
                     raise NetEngineError(f"{self.name}: record {self.keys[int(i)]!r}: "
                                          f"{err}") from None
-                if image.shape != self._shape:
+                if image.shape != self._shape and not (
+                        self.ragged and image.shape[0] == self._shape[0]):
                     raise NetEngineError(f"{self.name}: record {self.keys[int(i)]!r} has shape "
                                          f"{image.shape}, the first record {self._shape}; "
-                                         "a Data layer needs records of one shape")
+                                         "without transform_param.crop_size a Data layer "
+                                         "needs records of one shape")
                 images.append(image)
                 labels.append(label)
+        if any(image.shape != images[0].shape for image in images):
+            return images, np.asarray(labels)  # a list: Transformer.apply crops each
         return np.stack(images), np.asarray(labels)
 
     def close(self) -> None:
@@ -509,7 +515,11 @@ class Transformer:
         return channels, height, width
 
     def apply(self, batch: np.ndarray, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
-        """Transform (N, C, H, W) records into a new (N, C, h, w) array of ``dtype`` (host)."""
+        """Transform (N, C, H, W) records into a new (N, C, h, w) array of ``dtype`` (host).
+        ``batch`` may also be a list of (C, H_i, W_i) records of different sizes when a crop
+        is set: each is cropped (as Caffe transforms each datum by itself)."""
+        if isinstance(batch, list):
+            return self._apply_ragged(batch, rng, dtype)
         n, channels, height, width = batch.shape
         out_c, out_h, out_w = self.output_shape(batch.shape[1:])
         # Draw order per batch: mirror coins, then TRAIN crop offsets (rows, then columns).
@@ -536,6 +546,35 @@ class Transformer:
         items = np.arange(n)[:, None, None, None]
         chans = np.arange(out_c)[None, :, None, None]
         return x[items, chans, rows[:, None, :, None], cols[:, None, None, :]]
+
+    def _apply_ragged(self, records: list, rng: np.random.Generator, dtype) -> np.ndarray:
+        """Records of different sizes, each cropped to crop_size (same draw order as
+        ``apply``: the mirror coins, then row offsets, then column offsets)."""
+        n, crop = len(records), self.crop
+        if not crop:
+            raise NetEngineError("records of different sizes need transform_param.crop_size")
+        for record in records:
+            self.output_shape(record.shape)  # mean and crop checks, per record
+        flips = rng.integers(0, 2, size=n).astype(bool) if self.mirror else np.zeros(n, bool)
+        heights = np.array([r.shape[1] for r in records])
+        widths = np.array([r.shape[2] for r in records])
+        if self.phase == caffe_pb2.TRAIN:
+            h_off = rng.integers(0, heights - crop + 1)
+            w_off = rng.integers(0, widths - crop + 1)
+        else:
+            h_off, w_off = (heights - crop) // 2, (widths - crop) // 2
+        out = np.empty((n, records[0].shape[0], crop, crop), dtype=dtype)
+        for i, record in enumerate(records):
+            x = record[:, h_off[i]:h_off[i] + crop, w_off[i]:w_off[i] + crop].astype(dtype)
+            if self.mean_file is not None:
+                x -= self.mean_file[:, h_off[i]:h_off[i] + crop,
+                                    w_off[i]:w_off[i] + crop].astype(dtype)
+            elif len(self.mean_value):
+                x -= self.mean_value.astype(dtype).reshape(-1, 1, 1)
+            if self.scale != 1:
+                x *= x.dtype.type(self.scale)
+            out[i] = x[:, :, ::-1] if flips[i] else x
+        return out
 
 
 # -- images (ImageData, WindowData) ---------------------------------------------------------------

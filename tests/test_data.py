@@ -294,6 +294,36 @@ def test_data_decodes_encoded_records(tmp_path):
                    extra="backend: LMDB")
 
 
+@needs_lmdb
+def test_data_crops_records_of_different_sizes(tmp_path):
+    rng = np.random.default_rng(1)
+    records = [rng.integers(0, 256, size=shape).astype(np.uint8)
+               for shape in [(1, 6, 5), (1, 4, 4), (1, 5, 7)]]
+    items = [(datasets.lmdb_key(i), datasets.array_to_datum(r, i).SerializeToString())
+             for i, r in enumerate(records)]
+    datasets.write_lmdb(tmp_path / "db", items)
+    source = str(tmp_path / "db")
+    layer, top = data_layer(source, batch=3, transform="crop_size: 3 scale: 0.5",
+                            extra="backend: LMDB prefetch: 0", phase=TEST)
+    layer.forward([], top)
+    for i, r in enumerate(records):  # TEST: the centre crop of each, as Caffe
+        h, w = (r.shape[1] - 3) // 2, (r.shape[2] - 3) // 2
+        np.testing.assert_array_equal(top[0].data[i], r[:, h:h + 3, w:w + 3] * 0.5)
+    layer, top = data_layer(source, batch=3, transform="crop_size: 3 mirror: true",
+                            extra="backend: LMDB prefetch: 0", phase=TRAIN)
+    layer.forward([], top)
+    for i, r in enumerate(records):  # TRAIN: some window of each record, maybe mirrored
+        windows = [r[0, a:a + 3, b:b + 3] for a in range(r.shape[1] - 2)
+                   for b in range(r.shape[2] - 2)]
+        got = top[0].data[i, 0]
+        assert any(np.array_equal(got, win) or np.array_equal(got, win[:, ::-1])
+                   for win in windows)
+    layer, top = data_layer(source, batch=3, extra="backend: LMDB prefetch: 0")
+    with pytest.raises(NetEngineError, match="without transform_param.crop_size a Data layer "
+                                             "needs records of one shape"):
+        layer.forward([], top)
+
+
 def test_decode_image_turns_exif_orientation_and_keeps_16_bit_high_bytes(tmp_path):
     import io
 

@@ -254,7 +254,9 @@ class Data(Layer):
             if not datasets.is_lmdb(path):
                 raise self.fail(f"{path} is neither an LMDB folder (with data.mdb) nor an MNIST "
                                 "IDX images file")
-            return datasets.LMDBSource(path, self._forced_color())
+            crop = self.layer_param.transform_param.crop_size or (
+                p.crop_size if p.HasField("crop_size") else 0)
+            return datasets.LMDBSource(path, self._forced_color(), ragged=bool(crop))
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
