@@ -220,8 +220,15 @@ def test_image_data_errors(image_list, tmp_path, monkeypatch):
     Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "img" / "small.png")
     (tmp_path / "sizes.txt").write_text("img/im 0.png 0\nimg/small.png 1\n")
     layer, top = image_layer(tmp_path / "sizes.txt", batch=2)
-    with pytest.raises(NetEngineError, match="need one size .*new_height"):
+    with pytest.raises(NetEngineError, match="need one size .*new_height.*crop_size"):
         layer.forward([], top)
+    # with a crop, images of different sizes are each cropped (TEST: their centres)
+    layer, top = image_layer(tmp_path / "sizes.txt", batch=2, transform="crop_size: 3",
+                             phase=TEST)
+    layer.forward([], top)
+    first = datasets.read_image(tmp_path / "img" / "im 0.png")
+    np.testing.assert_array_equal(top[0].data[0], first[:, 1:4, 2:5])  # 6x8 → centre 3x3
+    assert not top[0].data[1].any()  # the 3x3 black image, whole
 
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(NetEngineError) as info:

@@ -831,14 +831,17 @@ class ImageData(Data):
         def make_batch(index: int):
             lines = [images.line(skip + index * n + i) for i in range(n)]
             loaded = [images.load(line) for line in lines]
-            for line, image in zip(lines[1:], loaded[1:]):
-                if image.shape != loaded[0].shape:
-                    raise NetEngineError(
-                        f"{images.names[line]} is {image.shape[1]}x{image.shape[2]} but "
-                        f"{images.names[lines[0]]} is {loaded[0].shape[1]}x{loaded[0].shape[2]}:"
-                        " the images of a batch need one size (set new_height and new_width)")
+            ragged = any(image.shape != loaded[0].shape for image in loaded)
+            if ragged and not transformer.crop:
+                line = next(ln for ln, im in zip(lines, loaded) if im.shape != loaded[0].shape)
+                image = loaded[lines.index(line)]
+                raise NetEngineError(
+                    f"{images.names[line]} is {image.shape[1]}x{image.shape[2]} but "
+                    f"{images.names[lines[0]]} is {loaded[0].shape[1]}x{loaded[0].shape[2]}:"
+                    " the images of a batch need one size (set new_height and new_width, "
+                    "or a transform_param.crop_size)")
             rng = np.random.default_rng([seed, int(index)])
-            data = transformer.apply(np.stack(loaded), rng, dtype)
+            data = transformer.apply(loaded if ragged else np.stack(loaded), rng, dtype)
             return data, images.labels[lines].astype(dtype)
 
         return make_batch
