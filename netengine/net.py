@@ -726,9 +726,13 @@ class Net:
 
     def set_input_arrays(self, data, labels, layer_index: int = 0) -> None:
         """Feed the first MemoryData layer (pycaffe's ``set_input_arrays``)."""
-        for layer in self.layers[layer_index:]:
+        for i in range(layer_index, len(self.layers)):
+            layer = self.layers[i]
             if callable(getattr(type(layer), "set_input_arrays", None)):  # MemoryData's
-                layer.set_input_arrays(data, labels)
+                try:
+                    layer.set_input_arrays(data, labels)
+                except NetEngineError as err:
+                    raise err.with_context(**self._context(i)) from None
                 return
         raise NetEngineError("set_input_arrays needs a MemoryData layer in the net")
 

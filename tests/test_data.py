@@ -717,3 +717,15 @@ def test_caffes_own_lenet_reads_convert_mnist_lmdbs(tmp_path, monkeypatch):
         assert net.blobs["data"].shape == (batch, 1, 28, 28)
         assert np.isfinite(float(out["loss"]))
         net.layers[0].close()
+
+
+def test_net_set_input_arrays_errors_name_file_line_and_layer(tmp_path):
+    from netengine.net import Net
+
+    path = tmp_path / "mem.prototxt"
+    path.write_text('layer { name: "feed" type: "MemoryData" top: "a" top: "b"\n'
+                    '  memory_data_param { batch_size: 2 channels: 1 height: 2 width: 3 } }\n')
+    net = Net(str(path), TRAIN)
+    with pytest.raises(NetEngineError, match=r"mem\.prototxt:1: layer 'feed' \(MemoryData\): "
+                                             r"set_input_arrays needs data of shape"):
+        net.set_input_arrays(np.zeros((2, 1, 3, 2), np.float32), np.zeros(2, np.float32))
