@@ -16,8 +16,9 @@
   imread does (uint8, BGR or gray) with Pillow (``pip install 'netengine[images]'``);
   ``resize_image`` is OpenCV's bilinear INTER_LINEAR resize.
 
-A record source (``IDXSource``, ``LMDBSource``, ``ArraySource``) has a length, a per-record
-shape (C, H, W) and ``read(indices) -> (images, labels)``; the Data layer serves batches from it.
+A record source (``IDXSource``, ``LMDBSource``, ``LevelDBSource``, ``ArraySource``) has a
+length, a per-record shape (C, H, W) and ``read(indices) -> (images, labels)``; the Data layer
+serves batches from it.
 """
 from __future__ import annotations
 
@@ -374,55 +375,50 @@ class IDXSource(ArraySource):
         self.labels_path = labels_path
 
 
-_LMDB_ENVS: dict[str, list] = {}  # realpath -> [environment, number of users]
-_LMDB_LOCK = threading.Lock()
+_HANDLES: dict[tuple[str, str], list] = {}  # (kind, realpath) -> [handle, number of users]
+_HANDLES_LOCK = threading.Lock()
 
 
-def _shared_lmdb_env(lmdb, path):
-    """One read-only environment per database and process: LMDB refuses to open one twice,
-    and a train net and a test net (or two test nets) may read the same database."""
-    key = os.path.realpath(path)
-    with _LMDB_LOCK:
-        entry = _LMDB_ENVS.get(key)
+def _shared_handle(kind: str, path, opener):
+    """One read handle per database and process: LMDB and LevelDB refuse a second open, and a
+    train net and a test net (or two test nets) may read the same database."""
+    key = (kind, os.path.realpath(path))
+    with _HANDLES_LOCK:
+        entry = _HANDLES.get(key)
         if entry is None:
-            try:
-                env = lmdb.open(str(path), readonly=True, lock=False, readahead=False,
-                                subdir=Path(path).is_dir(), max_readers=256)
-            except lmdb.Error as err:
-                raise NetEngineError(f"cannot open LMDB {path}: {err}") from None
-            entry = _LMDB_ENVS[key] = [env, 0]
+            entry = _HANDLES[key] = [opener(), 0]
         entry[1] += 1
         return entry[0]
 
 
-def _release_lmdb_env(env) -> None:
-    with _LMDB_LOCK:
-        for key, entry in list(_LMDB_ENVS.items()):
-            if entry[0] is env:
+def _release_handle(handle) -> None:
+    with _HANDLES_LOCK:
+        for key, entry in list(_HANDLES.items()):
+            if entry[0] is handle:
                 entry[1] -= 1
                 if entry[1] <= 0:
-                    del _LMDB_ENVS[key]
-                    env.close()
+                    del _HANDLES[key]
+                    handle.close()
                 return
 
 
-class LMDBSource:
-    """Caffe's LMDB of Datum records, served by index in key order (thread-safe reads)."""
+class _DatumDB:
+    """Caffe's key-value database of Datum records, served by index in key order (thread-safe
+    reads). Subclasses open the database and fetch keys and values."""
+
+    kind = ""
 
     def __init__(self, path: str | os.PathLike, color: bool | None = None,
                  ragged: bool = False) -> None:
-        lmdb = import_lmdb()
         self.name = str(path)
         self.color = color  # for encoded records: force_color / force_gray / native
         self.ragged = ragged  # records may differ in size (they are cropped to one)
-        self.env = _shared_lmdb_env(lmdb, path)
-        with self.env.begin() as txn:
-            self.keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
-            if not self.keys:
-                raise NetEngineError(f"LMDB {path} holds no records")
-            first, _ = decode_datum(txn.get(self.keys[0]), color)
+        self.handle = _shared_handle(self.kind, path, lambda: self._open(path))
+        self.keys = self._keys()
+        if not self.keys:
+            raise NetEngineError(f"{self.kind} {path} holds no records")
+        first, _ = decode_datum(self._values(self.keys[:1])[0], color)
         self._shape = first.shape
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -432,31 +428,100 @@ class LMDBSource:
         return self._shape
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys = [self.keys[int(i)] for i in np.asarray(indices).ravel()]
         images, labels = [], []
-        with self.env.begin(buffers=False) as txn:
-            for i in np.asarray(indices).ravel():
-                value = txn.get(self.keys[int(i)])
-                try:
-                    image, label = decode_datum(value, self.color)
-                except NetEngineError as err:
-                    raise NetEngineError(f"{self.name}: record {self.keys[int(i)]!r}: "
-                                         f"{err}") from None
-                if image.shape != self._shape and not (
-                        self.ragged and image.shape[0] == self._shape[0]):
-                    raise NetEngineError(f"{self.name}: record {self.keys[int(i)]!r} has shape "
-                                         f"{image.shape}, the first record {self._shape}; "
-                                         "without transform_param.crop_size a Data layer "
-                                         "needs records of one shape")
-                images.append(image)
-                labels.append(label)
+        for key, value in zip(keys, self._values(keys)):
+            try:
+                image, label = decode_datum(value, self.color)
+            except NetEngineError as err:
+                raise NetEngineError(f"{self.name}: record {key!r}: {err}") from None
+            if image.shape != self._shape and not (
+                    self.ragged and image.shape[0] == self._shape[0]):
+                raise NetEngineError(f"{self.name}: record {key!r} has shape {image.shape}, "
+                                     f"the first record {self._shape}; without "
+                                     "transform_param.crop_size a Data layer needs records of "
+                                     "one shape")
+            images.append(image)
+            labels.append(label)
         if any(image.shape != images[0].shape for image in images):
             return images, np.asarray(labels)  # a list: Transformer.apply crops each
         return np.stack(images), np.asarray(labels)
 
     def close(self) -> None:
-        if self.env is not None:
-            _release_lmdb_env(self.env)
-            self.env = None
+        if self.handle is not None:
+            _release_handle(self.handle)
+            self.handle = None
+
+
+class LMDBSource(_DatumDB):
+    """An LMDB folder (``data.mdb``) of Datum records."""
+
+    kind = "LMDB"
+
+    def _open(self, path):
+        lmdb = import_lmdb()
+        try:
+            return lmdb.open(str(path), readonly=True, lock=False, readahead=False,
+                             subdir=Path(path).is_dir(), max_readers=256)
+        except lmdb.Error as err:
+            raise NetEngineError(f"cannot open LMDB {path}: {err}") from None
+
+    def _keys(self) -> list[bytes]:
+        with self.handle.begin() as txn:
+            return [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+
+    def _values(self, keys: list[bytes]) -> list[bytes]:
+        with self.handle.begin(buffers=False) as txn:
+            return [txn.get(key) for key in keys]
+
+
+def import_plyvel():
+    """The ``plyvel`` LevelDB binding, or a one-line error saying how to install it."""
+    try:
+        import plyvel
+    except ImportError:
+        raise NetEngineError("LEVELDB databases need the plyvel package: pip install "
+                             "'netengine[leveldb]' (or pip install plyvel), or convert the "
+                             "data to LMDB and set data_param.backend: LMDB") from None
+    return plyvel
+
+
+class LevelDBSource(_DatumDB):
+    """A LevelDB folder (``CURRENT``, ``*.ldb``) of Datum records, Caffe's default backend."""
+
+    kind = "LevelDB"
+
+    def _open(self, path):
+        plyvel = import_plyvel()
+        try:
+            return plyvel.DB(str(path), create_if_missing=False)
+        except Exception as err:  # plyvel.Error, IOError (the folder is locked by a writer)
+            raise NetEngineError(f"cannot open LevelDB {path}: {err}") from None
+
+    def _keys(self) -> list[bytes]:
+        return [bytes(k) for k in self.handle.iterator(include_value=False)]
+
+    def _values(self, keys: list[bytes]) -> list[bytes]:
+        return [self.handle.get(key) for key in keys]
+
+
+def write_leveldb(path: str | os.PathLike, items: Iterable[tuple[bytes, bytes]]) -> int:
+    """Write (key, value) pairs into a new LevelDB folder ``path``; returns the record count.
+    Refuses an existing database (as Caffe's convert tools do)."""
+    plyvel = import_plyvel()
+    path = Path(path)
+    if (path / "CURRENT").exists():
+        raise NetEngineError(f"{path} already holds a LevelDB database; remove it first")
+    db = plyvel.DB(str(path), create_if_missing=True, error_if_exists=True)
+    count = 0
+    try:
+        with db.write_batch() as batch:
+            for key, value in items:
+                batch.put(key, value)
+                count += 1
+    finally:
+        db.close()
+    return count
 
 
 # -- transform_param ------------------------------------------------------------------------------

@@ -352,15 +352,41 @@ def test_missing_source_names_the_path():
     assert "layer 'mnist' (Data)" in message and "\n" not in message
 
 
-def test_leveldb_is_refused(tmp_path):
-    leveldb = tmp_path / "mnist_train_leveldb"
-    leveldb.mkdir()
-    (leveldb / "CURRENT").write_text("MANIFEST-000001\n")
-    with pytest.raises(NetEngineError, match="LEVELDB databases are not supported") as info:
-        data_layer(str(leveldb), extra="backend: LEVELDB")
-    assert str(leveldb) in str(info.value) and "LMDB" in str(info.value)
-    with pytest.raises(NetEngineError, match="LEVELDB databases are not supported"):
-        data_layer(str(leveldb))  # LEVELDB is Caffe's default backend
+needs_plyvel = pytest.mark.skipif(not _have("plyvel"), reason="plyvel is not installed")
+
+
+@needs_plyvel
+def test_data_reads_leveldb_caffes_default_backend(tmp_path):
+    images = np.random.default_rng(2).integers(0, 256, size=(5, 1, 3, 4)).astype(np.uint8)
+    items = [(datasets.lmdb_key(i), datasets.array_to_datum(im, 10 + i).SerializeToString())
+             for i, im in enumerate(images)]
+    db = tmp_path / "train_leveldb"
+    assert datasets.write_leveldb(db, items) == 5
+    assert datasets.is_leveldb(db)
+    for extra in ("backend: LEVELDB prefetch: 0", "prefetch: 0"):  # LEVELDB is the default
+        layer, top = data_layer(str(db), batch=3, extra=extra, phase=TEST)
+        layer.forward([], top)
+        np.testing.assert_array_equal(top[0].data, images[:3])
+        np.testing.assert_array_equal(top[1].data, [10, 11, 12])
+        layer.forward([], top)  # wraps around, as Caffe's cursor
+        np.testing.assert_array_equal(top[1].data, [13, 14, 10])
+        layer.close()
+    with pytest.raises(NetEngineError, match="already holds a LevelDB"):
+        datasets.write_leveldb(db, items)
+
+
+def test_leveldb_errors(tmp_path, monkeypatch):
+    fake = tmp_path / "mnist_train_leveldb"
+    fake.mkdir()
+    (fake / "CURRENT").write_text("MANIFEST-000001\n")
+    if _have("plyvel"):
+        with pytest.raises(NetEngineError, match=f"cannot open LevelDB {fake}"):
+            data_layer(str(fake), extra="backend: LEVELDB")
+    monkeypatch.setitem(sys.modules, "plyvel", None)
+    with pytest.raises(NetEngineError, match=r"LEVELDB databases need the plyvel package: pip "
+                                             r"install 'netengine\[leveldb\]'") as info:
+        data_layer(str(fake))
+    assert "layer 'mnist' (Data)" in str(info.value)
     lmdb_dir = tmp_path / "lmdb"
     lmdb_dir.mkdir()
     (lmdb_dir / "data.mdb").write_bytes(b"")

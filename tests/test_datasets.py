@@ -334,12 +334,27 @@ def test_convert_mnist_writes_caffes_layout(tmp_path, capsys):
     assert "already holds an LMDB" in capsys.readouterr().err
 
 
-def test_convert_mnist_errors(tmp_path, capsys):
+def test_convert_mnist_to_leveldb(tmp_path, capsys):
+    pytest.importorskip("plyvel")
+    img, lab, images, labels = _small_mnist(tmp_path)
+    db = tmp_path / "mnist_leveldb"
+    assert convert_mnist.main([str(img), str(lab), str(db), "--backend", "leveldb"]) == 0
+    assert "(LevelDB, keys %08d" in capsys.readouterr().out
+    source = datasets.LevelDBSource(db)
+    data, got = source.read(np.arange(len(labels)))
+    np.testing.assert_array_equal(data[:, 0], images)
+    np.testing.assert_array_equal(got, labels)
+    source.close()
+
+
+def test_convert_mnist_errors(tmp_path, capsys, monkeypatch):
     img, lab, _, _ = _small_mnist(tmp_path)
+    monkeypatch.setitem(sys.modules, "plyvel", None)
     assert convert_mnist.main([str(img), str(lab), str(tmp_path / "db"), "--backend",
                                "leveldb"]) == 1
     err = capsys.readouterr().err
-    assert "LevelDB is not supported" in err and err.count("\n") == 1
+    assert "need the plyvel package" in err and err.count("\n") == 1
+    monkeypatch.undo()
     datasets.write_idx(tmp_path / "few-labels-idx1-ubyte", np.zeros(2, np.uint8))
     assert convert_mnist.main([str(img), str(tmp_path / "few-labels-idx1-ubyte"),
                                str(tmp_path / "db2")]) == 1

@@ -1,12 +1,13 @@
-"""convert_mnist: write MNIST IDX files as Caffe's LMDB of Datum records (convert_mnist_data).
+"""convert_mnist: write MNIST IDX files as Caffe's LMDB or LevelDB of Datum records
+(convert_mnist_data).
 
-    tools/convert_mnist IMAGES LABELS DB_PATH [--backend lmdb]
+    tools/convert_mnist IMAGES LABELS DB_PATH [--backend lmdb|leveldb]
 
 IMAGES/LABELS are MNIST IDX files (…-idx3-ubyte / …-idx1-ubyte, plain or .gz). DB_PATH is a
-new LMDB folder; each record i is stored under the key ``%08d`` % i as a serialized Datum
-(channels 1, height and width from the file, uint8 pixel bytes, integer label), exactly the
-layout Caffe's examples/mnist/create_mnist.sh writes, so Caffe's own lenet_train_test.prototxt
-reads it unmodified. LevelDB is not supported. Errors print one line and exit 1.
+new database folder (LevelDB needs the plyvel package). Each record i is stored under the key
+``%08d`` % i as a serialized Datum (channels 1, height and width from the file, uint8 pixel
+bytes, integer label): the layout Caffe's examples/mnist/create_mnist.sh writes, so Caffe's
+own lenet_train_test.prototxt reads it unmodified. Errors print one line and exit 1.
 """
 from __future__ import annotations
 
@@ -22,19 +23,21 @@ from netengine.errors import NetEngineError
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="convert_mnist",
-        description="Convert MNIST IDX images and labels into Caffe's LMDB of Datum records.",
+        description="Convert MNIST IDX images and labels into Caffe's LMDB (or LevelDB) of "
+                    "Datum records.",
         epilog="Example: tools/convert_mnist data/mnist/train-images-idx3-ubyte.gz "
                "data/mnist/train-labels-idx1-ubyte.gz examples/mnist/mnist_train_lmdb")
     parser.add_argument("images", help="IDX images file (magic 2051; plain or .gz)")
     parser.add_argument("labels", help="IDX labels file (magic 2049; plain or .gz)")
-    parser.add_argument("db_path", help="the LMDB folder to create (must not hold a database)")
+    parser.add_argument("db_path", help="the database folder to create (must not hold one)")
     parser.add_argument("--backend", default="lmdb", type=str.lower, choices=["lmdb", "leveldb"],
-                        help="database backend (default lmdb; leveldb is refused)")
+                        help="database backend (default lmdb; leveldb needs plyvel)")
     return parser.parse_args(argv)
 
 
-def convert(images_path: str, labels_path: str, db_path: str) -> tuple[int, int, int]:
-    """Write the LMDB; returns (items, rows, cols)."""
+def convert(images_path: str, labels_path: str, db_path: str,
+            backend: str = "lmdb") -> tuple[int, int, int]:
+    """Write the database; returns (items, rows, cols)."""
     images = datasets.read_idx(images_path)
     labels = datasets.read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -52,24 +55,22 @@ def convert(images_path: str, labels_path: str, db_path: str) -> tuple[int, int,
             datum = datasets.array_to_datum(image[None], int(label))
             yield datasets.lmdb_key(i), datum.SerializeToString()
 
-    count = datasets.write_lmdb(db_path, records())
+    write = datasets.write_leveldb if backend == "leveldb" else datasets.write_lmdb
+    count = write(db_path, records())
     return count, images.shape[1], images.shape[2]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.backend == "leveldb":
-        print(f"convert_mnist: error: LevelDB is not supported ({args.db_path}); use --backend "
-              "lmdb and data_param.backend: LMDB", file=sys.stderr)
-        return 1
     try:
-        count, rows, cols = convert(args.images, args.labels, args.db_path)
+        count, rows, cols = convert(args.images, args.labels, args.db_path, args.backend)
     except NetEngineError as err:
         print(f"convert_mnist: error: {err}", file=sys.stderr)
         return 1
     print(f"A total of {count} items.")
     print(f"Rows: {rows} Cols: {cols}")
-    print(f"Wrote {args.db_path} (LMDB, keys %08d, Datum 1x{rows}x{cols} uint8)")
+    kind = "LevelDB" if args.backend == "leveldb" else "LMDB"
+    print(f"Wrote {args.db_path} ({kind}, keys %08d, Datum 1x{rows}x{cols} uint8)")
     return 0
 
 

@@ -187,8 +187,11 @@ def _image_source(layer: Layer, field: str, param) -> Path:
 class Data(Layer):
     """Caffe's Data layer: batches of records → data (N, C, H, W) and optional label (N,).
 
-    data_param: ``source``, ``batch_size``, ``backend`` (LMDB; LEVELDB is refused with a hint),
-    ``prefetch`` (batches prepared ahead by a background thread; 0 = none), ``rand_skip``.
+    data_param: ``source``, ``batch_size``, ``backend`` (LMDB, or LEVELDB through the optional
+    plyvel package; the folder's contents decide), ``prefetch`` (batches prepared ahead by a
+    background thread; 0 = none), ``rand_skip``. Encoded records (PNG/JPEG bytes) are decoded;
+    transform_param's force_color / force_gray choose their channels. With a crop_size,
+    records may differ in size (each is cropped).
     netengine's extension: a source naming an MNIST IDX images file (``…-idx3-ubyte[.gz]``) is
     read directly, labels from the ``…-idx1-ubyte[.gz]`` file beside it (backend ignored).
     Relative sources resolve against the current directory, then ``search_dirs`` (set by the
@@ -244,18 +247,16 @@ class Data(Layer):
                 return datasets.IDXSource(path)
             explicit_leveldb = (p.HasField("backend")
                                 and p.backend == caffe_pb2.DataParameter.LEVELDB)
-            if datasets.is_leveldb(path) or (explicit_leveldb and not datasets.is_lmdb(path)):
-                raise self.fail(f"LEVELDB databases are not supported ({path}): convert the data "
-                                "to LMDB (tools/convert_mnist ... --backend lmdb for MNIST) and "
-                                "set data_param.backend: LMDB")
-            if explicit_leveldb:
+            crop = self.layer_param.transform_param.crop_size or (
+                p.crop_size if p.HasField("crop_size") else 0)
+            if datasets.is_leveldb(path):
+                return datasets.LevelDBSource(path, self._forced_color(), ragged=bool(crop))
+            if explicit_leveldb and datasets.is_lmdb(path):
                 raise self.fail(f"{path} is an LMDB database but data_param.backend is LEVELDB: "
                                 "set backend: LMDB")
             if not datasets.is_lmdb(path):
-                raise self.fail(f"{path} is neither an LMDB folder (with data.mdb) nor an MNIST "
-                                "IDX images file")
-            crop = self.layer_param.transform_param.crop_size or (
-                p.crop_size if p.HasField("crop_size") else 0)
+                raise self.fail(f"{path} is neither an LMDB folder (with data.mdb), a LevelDB "
+                                "folder (with CURRENT) nor an MNIST IDX images file")
             return datasets.LMDBSource(path, self._forced_color(), ragged=bool(crop))
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
