@@ -755,3 +755,14 @@ def test_net_set_input_arrays_errors_name_file_line_and_layer(tmp_path):
     with pytest.raises(NetEngineError, match=r"mem\.prototxt:1: layer 'feed' \(MemoryData\): "
                                              r"set_input_arrays needs data of shape"):
         net.set_input_arrays(np.zeros((2, 1, 3, 2), np.float32), np.zeros(2, np.float32))
+
+
+def test_unseeded_data_layers_draw_their_own_seed(tiny_idx, monkeypatch):
+    """As Caffe seeds itself from the OS when random_seed is unset: shuffles, crops and
+    rand_skip differ from run to run; a set seed repeats them."""
+    path, _ = tiny_idx
+    seeded = [data_layer(str(path), seed=5)[0].seed for _ in range(2)]
+    assert seeded[0] == seeded[1] == 5
+    monkeypatch.setattr(backend, "get_random_seed", lambda: None)
+    drawn = [data_layer(str(path))[0].seed for _ in range(2)]
+    assert drawn[0] != drawn[1]

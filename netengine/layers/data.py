@@ -61,9 +61,12 @@ class Input(Layer):
 
 # -- shared helpers for the readers -------------------------------------------------------------
 def _random_seed() -> int:
-    """netengine's random seed (set by the solver's random_seed), or 0 when none was set."""
+    """netengine's random seed (set by the solver's random_seed); when none was set, a fresh
+    one from the OS, as Caffe seeds itself: unseeded runs shuffle, crop and skip differently."""
     seed = backend.get_random_seed()
-    return 0 if seed is None or seed < 0 else int(seed)
+    if seed is None or seed < 0:
+        return int(np.random.SeedSequence().entropy % (1 << 63))
+    return int(seed)
 
 
 def _to_top(blob: Blob, array: np.ndarray) -> None:
