@@ -113,6 +113,7 @@ def test_train_run_through_main(tmp_path, monkeypatch, capsys):
                            "snaps/tiny_iter_4.solverstate", "--max_iter", "6"]) == 0
     log = capsys.readouterr().err
     assert "Restoring previous solver status from snaps/tiny_iter_4.solverstate" in log
+    assert "Resuming from snaps/tiny_iter_4.solverstate" in log
     assert "Iteration 4, Testing net (#0)" in log and (tmp_path / "snaps/tiny_iter_6.caffemodel"
                                                        ).exists()
     assert train_cli.main(["--solver", "solver.prototxt", "--weights",

@@ -147,6 +147,8 @@ def train(args) -> int:
         solver.set_action_function(handler.action)
         solver.add_callback(lambda: None, lambda: bar.goto(solver.iter + 1,
                                                            loss=solver.smoothed_loss))
+        if args.snapshot:
+            log.info("Resuming from %s", args.snapshot, extra=at("caffe.cpp:250"))
         log.info("Starting Optimization", extra=at("caffe.cpp:254"))
         solver.solve(args.snapshot or None)
     return 0
