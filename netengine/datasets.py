@@ -439,8 +439,8 @@ class _DatumDB:
                     self.ragged and image.shape[0] == self._shape[0]):
                 raise NetEngineError(f"{self.name}: record {key!r} has shape {image.shape}, "
                                      f"the first record {self._shape}; without "
-                                     "transform_param.crop_size a Data layer needs records of "
-                                     "one shape")
+                                     "transform_param.crop_size (or batch_size 1) a Data layer "
+                                     "needs records of one shape")
             images.append(image)
             labels.append(label)
         if any(image.shape != images[0].shape for image in images):

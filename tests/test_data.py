@@ -319,9 +319,14 @@ def test_data_crops_records_of_different_sizes(tmp_path):
         assert any(np.array_equal(got, win) or np.array_equal(got, win[:, ::-1])
                    for win in windows)
     layer, top = data_layer(source, batch=3, extra="backend: LMDB prefetch: 0")
-    with pytest.raises(NetEngineError, match="without transform_param.crop_size a Data layer "
-                                             "needs records of one shape"):
+    with pytest.raises(NetEngineError, match=r"without transform_param.crop_size \(or "
+                                             r"batch_size 1\) a Data layer needs records"):
         layer.forward([], top)
+    layer, top = data_layer(source, batch=1, extra="backend: LMDB prefetch: 0")
+    for r in records:  # one record per batch: the top takes each record's shape, as Caffe
+        layer.forward([], top)
+        assert top[0].shape == (1, *r.shape)
+        np.testing.assert_array_equal(top[0].data[0], r)
 
 
 def test_decode_image_turns_exif_orientation_and_keeps_16_bit_high_bytes(tmp_path):

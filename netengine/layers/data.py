@@ -252,15 +252,18 @@ class Data(Layer):
                                 and p.backend == caffe_pb2.DataParameter.LEVELDB)
             crop = self.layer_param.transform_param.crop_size or (
                 p.crop_size if p.HasField("crop_size") else 0)
+            # Caffe shapes each batch from its first record: with a crop, or one record per
+            # batch, records may differ in size
+            ragged = bool(crop) or self.batch_size == 1
             if datasets.is_leveldb(path):
-                return datasets.LevelDBSource(path, self._forced_color(), ragged=bool(crop))
+                return datasets.LevelDBSource(path, self._forced_color(), ragged=ragged)
             if explicit_leveldb and datasets.is_lmdb(path):
                 raise self.fail(f"{path} is an LMDB database but data_param.backend is LEVELDB: "
                                 "set backend: LMDB")
             if not datasets.is_lmdb(path):
                 raise self.fail(f"{path} is neither an LMDB folder (with data.mdb), a LevelDB "
                                 "folder (with CURRENT) nor an MNIST IDX images file")
-            return datasets.LMDBSource(path, self._forced_color(), ragged=bool(crop))
+            return datasets.LMDBSource(path, self._forced_color(), ragged=ragged)
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
