@@ -693,17 +693,22 @@ class Net:
     def backward(self, diffs: Iterable[str] | None = None, start: str | None = None,
                  end: str | None = None, **top_diffs) -> dict:
         """Run backward (from ``start`` down to ``end``); returns {input name: diff}.
-        ``top_diffs`` set output blobs' diffs first (same shape as the blob)."""
+        ``top_diffs`` set output blobs' diffs first (batch-sized, broadcast as pycaffe)."""
         for name, value in top_diffs.items():
             if name not in self.outputs:
                 raise NetEngineError(f"backward({name}=...): '{name}' is not an output of this "
                                      f"net (outputs: {', '.join(self.outputs) or 'none'})")
             blob = self._blobs[name]
-            if tuple(np.shape(value)) != blob.shape:
-                raise NetEngineError(f"backward({name}=...): diff shape {tuple(np.shape(value))} "
-                                     f"does not match blob '{name}' of shape {blob.shape}")
-            blob.diff[...] = backend.to_module(np.asarray(value), blob.xp) \
-                if blob.xp is np else value
+            shape = tuple(np.shape(value))
+            if shape[:1] != blob.shape[:1]:  # pycaffe's "Diff is not batch sized"
+                raise NetEngineError(f"backward({name}=...): diff of shape {shape} is not batch "
+                                     f"sized for blob '{name}' of shape {blob.shape}")
+            try:
+                blob.diff[...] = backend.to_module(np.asarray(value), blob.xp) \
+                    if blob.xp is np else value
+            except ValueError:
+                raise NetEngineError(f"backward({name}=...): a diff of shape {shape} does not "
+                                     f"fit blob '{name}' of shape {blob.shape}") from None
         first = self._index(start, len(self.layers) - 1)
         last = self._index(end, 0)
         self.backward_from_to(first, last)

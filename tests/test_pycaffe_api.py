@@ -123,9 +123,15 @@ def test_backward_checks_its_diffs():
     net.forward()
     with pytest.raises(NetEngineError, match="'y' is not an output of this net"):
         net.backward(y=np.ones((2, 4)))
-    with pytest.raises(NetEngineError, match=r"diff shape \(3,\) does not match blob 'loss'"):
+    with pytest.raises(NetEngineError, match=r"diff of shape \(3,\) is not batch sized for "
+                                             "blob 'loss'"):
         net.backward(loss=np.ones(3))
     net.backward(loss=np.ones(()))
+    ip = caffe.Net(_param(IP_NET), caffe.TRAIN)
+    ip.forward()
+    ip.backward(y=np.ones((2, 1)))  # broadcast over the rest, as pycaffe's diff[...] = value
+    with pytest.raises(NetEngineError, match=r"a diff of shape \(2, 3\) does not fit blob 'y'"):
+        ip.backward(y=np.ones((2, 3)))
 
 
 def test_forward_backward_all_batches_inputs_and_output_diffs():
