@@ -12,6 +12,8 @@ Convolution     top count × (C_in / group) × kernel area  (= top count × weig
 Deconvolution   bottom count × (C_out / group) × kernel area  (= bottom count × weight count
                 / C_in)
 InnerProduct    top count × K (K inputs per output)
+RNN, LSTM       T·N × (weight count of every 2-D learned blob but the static input's) +
+                N × (the static input's weight count): each step's matrix products
 ==============  ===========================================================================
 
 Every other layer counts 0 (element-wise, pooling and normalisation work is not a
@@ -96,6 +98,11 @@ def layer_macs(layer, bottom, top) -> int:
     if layer.type == "InnerProduct":
         outputs = layer.layer_param.inner_product_param.num_output or 1
         return top[0].count * (weight.count // outputs)
+    if layer.type in ("RNN", "LSTM"):
+        steps = bottom[0].count_range(0, 2)  # T·N
+        static = 2 if layer.static else None  # blob 2: the static input's weights
+        return sum((bottom[0].shape[1] if k == static else steps) * blob.count
+                   for k, blob in enumerate(layer.blobs) if blob.num_axes == 2)
     return 0
 
 

@@ -197,3 +197,18 @@ def test_build_skips_filling_weights_but_checks_fillers(tmp_path):
                                  '{ type: "bilinear" } }', 1))
     with pytest.raises(NetEngineError, match="bilinear filler needs a 4-D blob"):
         summary.build(path)  # a filler's shape check still runs
+
+
+def test_recurrent_multiply_adds(tmp_path):
+    path = tmp_path / "seq.prototxt"
+    path.write_text('layer { name: "in" type: "Input" top: "x" top: "c" top: "s" input_param { '
+                    'shape { dim: 5 dim: 2 dim: 4 } shape { dim: 5 dim: 2 } shape { dim: 2 '
+                    'dim: 3 } } }\n'
+                    'layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "c" bottom: "s" '
+                    'top: "h" recurrent_param { num_output: 6 } }\n'
+                    'layer { name: "rnn" type: "RNN" bottom: "x" bottom: "c" top: "o" '
+                    'recurrent_param { num_output: 6 } }\n')
+    rows = {row.name: row for row in summary.summarize(summary.build(path)).rows}
+    # T·N = 10 steps × (W_xc 24x4 + W_hc 24x6) + N = 2 × W_xc_static 24x3
+    assert rows["lstm"].macs == 10 * (96 + 144) + 2 * 72
+    assert rows["rnn"].macs == 10 * (6 * 4 + 6 * 6 + 6 * 6)  # W_xh, W_hh, W_ho
