@@ -771,3 +771,13 @@ def test_unseeded_data_layers_draw_their_own_seed(tiny_idx, monkeypatch):
     monkeypatch.setattr(backend, "get_random_seed", lambda: None)
     drawn = [data_layer(str(path))[0].seed for _ in range(2)]
     assert drawn[0] != drawn[1]
+
+
+def test_data_layers_log_the_file_they_read(tiny_idx, monkeypatch):
+    from netengine.layers import data as data_module
+
+    lines = []
+    monkeypatch.setattr(data_module.log, "info", lambda msg, *a, **k: lines.append(msg % a))
+    path, _ = tiny_idx
+    data_layer(str(path))
+    assert lines == [f"Data 'mnist': data_param.source {path.resolve()}"]
