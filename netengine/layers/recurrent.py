@@ -107,9 +107,10 @@ class LSTMUnit(Layer):
 class _Recurrent(Layer):
     """What RNN and LSTM share: bottoms, shapes, the input transform and carried state.
 
-    Subclasses set ``states`` (names of the recurrent states), ``gate_factor`` (width of the
-    per-step pre-activations in units of H) and ``step_param_names``, and implement
-    ``run(xw, cont, states)`` and ``run_backward(dtop, dstates)``.
+    Subclasses set ``states`` (names of the recurrent states) and ``gate_factor`` (width of
+    the per-step pre-activations in units of H), and implement ``step_shapes()`` (their
+    learned blobs after the input transform), ``run(xw, states, out)`` (the loop over time,
+    returning the final states) and ``run_backward(dout)`` (the gradients of xw).
     """
 
     min_bottoms = 2
@@ -117,7 +118,6 @@ class _Recurrent(Layer):
     min_tops = 1
     max_tops = 3
     allows_inplace = False
-    auto_top_blobs = False
     states: tuple[str, ...] = ()
     gate_factor = 1
 
@@ -136,8 +136,6 @@ class _Recurrent(Layer):
             raise self.fail(f"expects {1 + exposed} top(s) (the output"
                             f"{', then the final states' if exposed else ''}), got {len(top)}")
         self.static = len(bottom) == 3 + exposed
-        if bottom[0].num_axes < 2:
-            raise self.fail(f"bottom 0 (x) must be (T, N, ...), got {bottom[0].shape}")
         width = self.gate_factor * self.hidden
         shapes = [(width, bottom[0].count_range(2)), (width,)]
         if self.static:
@@ -174,12 +172,9 @@ class _Recurrent(Layer):
             blob = bottom[2 + self.static + k]
             if blob.shape != state_shape:
                 raise self.fail(f"bottom {name}_0 must be {state_shape}, got {blob.shape}")
-        top[0].reshape((self.t_steps, self.n, self.out_width()))
+        top[0].reshape((self.t_steps, self.n, self.hidden))
         for k in range(len(self.states) if self.expose else 0):
             top[1 + k].reshape(state_shape)
-
-    def out_width(self) -> int:
-        return self.hidden
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         return bottom_index != 1
@@ -202,7 +197,7 @@ class _Recurrent(Layer):
         xw = xw.reshape(self.t_steps, self.n, -1)
         if self.static:
             xw = xw + bottom[2].data.reshape(self.n, -1) @ self.blobs[2].data.T
-        finals = self.run(xw, bottom[1].data, self._initial_states(bottom), top[0].data)
+        finals = self.run(xw, self._initial_states(bottom), top[0].data)
         if self.expose:
             for k, state in enumerate(finals):
                 top[1 + k].data[0] = state
@@ -212,9 +207,7 @@ class _Recurrent(Layer):
     def compute_backward(self, top, propagate_down, bottom) -> None:
         if propagate_down[1]:
             raise self.fail("cannot back-propagate to the sequence indicators (cont)")
-        xp = bottom[0].xp
-        dstates = [xp.zeros((self.n, self.hidden), dtype=bottom[0].dtype) for _ in self.states]
-        dxw, _ = self.run_backward(top[0].diff, dstates)
+        dxw = self.run_backward(top[0].diff)  # no gradient enters through the final states
         dxw2 = dxw.reshape(self.t_steps * self.n, -1)
         x = bottom[0].data.reshape(self.t_steps * self.n, -1)
         if self.param_propagate_down[0]:
@@ -235,10 +228,10 @@ class _Recurrent(Layer):
                 if propagate_down[2 + self.static + k]:
                     bottom[2 + self.static + k].diff[...] = 0
 
-    def run(self, xw, cont, states, out):
+    def run(self, xw, states, out):
         raise NotImplementedError
 
-    def run_backward(self, dout, dstates):
+    def run_backward(self, dout):
         raise NotImplementedError
 
 
@@ -259,8 +252,8 @@ class RNN(_Recurrent):
         h = self.hidden
         return [(h, h), (h, h), (h,)]
 
-    def run(self, xw, cont, states, out):
-        xp = self.xp
+    def run(self, xw, states, out):
+        xp, cont = self.xp, self._cont
         first = 2 + self.static
         w_hh, w_ho, b_o = (self.blobs[first + k].data for k in range(3))
         h = states[0]
@@ -273,11 +266,11 @@ class RNN(_Recurrent):
             self._trace.append((hc, h, o))  # o kept here: an in-place layer may rewrite the top
         return [h]
 
-    def run_backward(self, dout, dstates):
+    def run_backward(self, dout):
         first = 2 + self.static
         w_hh, w_ho = self.blobs[first].data, self.blobs[first + 1].data
         dxw = self.xp.empty((self.t_steps, self.n, self.hidden), dtype=dout.dtype)
-        dh_next = dstates[0]
+        dh_next = self.xp.zeros((self.n, self.hidden), dtype=dout.dtype)
         for t in reversed(range(self.t_steps)):
             hc, h, o = self._trace[t]
             do = dout[t] * (1 - o * o)
@@ -290,7 +283,7 @@ class RNN(_Recurrent):
             if self.param_propagate_down[first]:
                 self.blobs[first].diff[...] += dz.T @ hc
             dh_next = self._cont[t][:, None] * (dz @ w_hh)
-        return dxw, [dh_next]
+        return dxw
 
 
 @register
@@ -311,8 +304,8 @@ class LSTM(_Recurrent):
     def step_shapes(self) -> list[tuple]:
         return [(4 * self.hidden, self.hidden)]
 
-    def run(self, xw, cont, states, out):
-        xp = self.xp
+    def run(self, xw, states, out):
+        xp, cont = self.xp, self._cont
         w_hc = self.blobs[2 + self.static].data
         h, c = states
         self._trace = []
@@ -325,12 +318,13 @@ class LSTM(_Recurrent):
             out[t] = h
         return [h, c]
 
-    def run_backward(self, dout, dstates):
+    def run_backward(self, dout):
         xp = self.xp
         k = 2 + self.static
         w_hc = self.blobs[k].data
         dxw = xp.empty((self.t_steps, self.n, 4 * self.hidden), dtype=dout.dtype)
-        dh_next, dc_next = dstates
+        dh_next = xp.zeros((self.n, self.hidden), dtype=dout.dtype)
+        dc_next = xp.zeros_like(dh_next)
         for t in reversed(range(self.t_steps)):
             hc, c_prev, acts = self._trace[t]
             dgates, dc_next = lstm_step_backward(xp, acts, c_prev, dc_next, dout[t] + dh_next)
@@ -338,7 +332,7 @@ class LSTM(_Recurrent):
             if self.param_propagate_down[k]:
                 self.blobs[k].diff[...] += dgates.T @ hc
             dh_next = self._cont[t][:, None] * (dgates @ w_hc)
-        return dxw, [dh_next, dc_next]
+        return dxw
 
 
 __all__ = ["LSTM", "LSTMUnit", "RNN", "lstm_step", "lstm_step_backward"]
