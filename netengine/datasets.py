@@ -214,10 +214,7 @@ def datum_to_array(datum: caffe_pb2.Datum, color: bool | None = None) -> tuple[n
     """
     shape = (datum.channels, datum.height, datum.width)
     if datum.encoded:
-        is_color = color
-        if is_color is None:  # native: as stored
-            is_color = _stored_channels(datum.data) != 1
-        return decode_image(datum.data, is_color, name="encoded Datum"), datum.label
+        return decode_image(datum.data, color, name="encoded Datum"), datum.label
     count = int(np.prod(shape))
     if datum.data:
         if len(datum.data) != count:
@@ -653,12 +650,13 @@ def import_pillow():
     return Image
 
 
-def decode_image(data: bytes | str | os.PathLike, is_color: bool = True,
+def decode_image(data: bytes | str | os.PathLike, is_color: bool | None = True,
                  name: str | None = None) -> np.ndarray:
     """An image file (path or its bytes) as uint8 (C, H, W), the way OpenCV's imread loads it.
 
     ``is_color``: 3 channels in **BGR** order (gray images are replicated, alpha dropped);
-    otherwise 1 channel of luma (0.299 R + 0.587 G + 0.114 B). Needs Pillow.
+    False: 1 channel of luma (0.299 R + 0.587 G + 0.114 B); None: as stored (gray stays
+    gray, Caffe's native decode of an encoded Datum). Needs Pillow.
     """
     image_module = import_pillow()
     name = name or (str(data) if not isinstance(data, bytes) else "image")
@@ -671,6 +669,8 @@ def decode_image(data: bytes | str | os.PathLike, is_color: bool = True,
             raise NetEngineError(f"cannot read image {name}: {err.strerror or err}") from None
     try:
         with image_module.open(_io.BytesIO(data)) as image:
+            if is_color is None:
+                is_color = image.mode not in _GRAY_MODES
             image = _as_8bit(_upright(image))
             pixels = np.asarray(image.convert("RGB" if is_color else "L"), dtype=np.uint8)
     except Exception as err:  # Pillow's UnidentifiedImageError, OSError, ValueError ...
@@ -701,16 +701,6 @@ def _as_8bit(image):
 
     values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
     return Image.fromarray(values.astype(np.uint8))  # 2-D uint8: mode L
-
-
-def _stored_channels(data: bytes) -> int:
-    """1 for a gray encoded image, 3 otherwise (Caffe's 'native' decode keeps gray as gray)."""
-    image_module = import_pillow()
-    try:
-        with image_module.open(_io.BytesIO(data)) as image:
-            return 1 if image.mode in _GRAY_MODES else 3
-    except Exception:  # decode_image reports it
-        return 3
 
 
 def linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,14 +11,13 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import numpy as np
 
 from netengine import backend
 from netengine.blob import Blob
-from netengine.errors import LayerError, NetEngineError, NetSyntaxError
-from netengine.io import SourceMap, read_binary_proto, read_text_proto
+from netengine.errors import LayerError, NetEngineError
+from netengine.io import SourceMap, read_text_proto
 from netengine.layers import Layer, create_layer
 from netengine.logging_glog import at, fmt
 from netengine.proto import caffe_pb2
@@ -181,31 +180,6 @@ def blob_to_proto(blob: Blob, write_diff: bool = False):
 def _abs_mean(values) -> float:
     """Caffe's asum / count for debug_info lines."""
     return float(abs(values).sum()) / max(values.size, 1)
-
-
-def _read_weights(path: str) -> caffe_pb2.NetParameter:
-    """A binary caffemodel; a solver state given instead is named as such (it may even parse
-    as a NetParameter without layers, its fields read as other ones)."""
-    try:
-        param = read_binary_proto(path, caffe_pb2.NetParameter())
-    except NetSyntaxError:
-        _refuse_solver_state(path)
-        raise
-    if not (len(param.layer) or len(param.layers)):
-        _refuse_solver_state(path)
-    return param
-
-
-def _refuse_solver_state(path: str) -> None:
-    state = caffe_pb2.SolverState()
-    try:
-        state.ParseFromString(Path(path).read_bytes())
-    except Exception:  # not a solver state either
-        return
-    if len(state.history):
-        raise NetEngineError(f"{path} is a solver state, not weights: resume from it "
-                             "(--snapshot, solver.restore) or load the .caffemodel written "
-                             "beside it")
 
 
 def _batch_slice(value, start: int, batch: int) -> np.ndarray:
@@ -820,7 +794,7 @@ class Net:
             where = str(source)
             if snapshot.is_hdf5(where):  # by content, as Caffe's CopyTrainedLayersFrom
                 return snapshot.load_weights_hdf5(self, where)
-            param = _read_weights(where)
+            param = snapshot.read_weights(where)
         by_name = self.layer_dict
         ignored, copied = [], 0
         for source_layer in list(param.layer) or list(param.layers):

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from netengine import backend
-from netengine.errors import NetEngineError, SolverError
+from netengine.errors import NetEngineError, NetSyntaxError, SolverError
 from netengine.io import read_binary_proto, write_atomic, write_binary_proto
 from netengine.proto import caffe_pb2
 
@@ -267,6 +267,32 @@ def read_state(path: str | os.PathLike) -> SolverStateData:
     except NetEngineError as err:
         raise SolverError(f"bad history blob: {err}", file=str(path)) from None
     return SolverStateData(message.iter, message.learned_net, history, message.current_step)
+
+
+def read_weights(path: str) -> caffe_pb2.NetParameter:
+    """A binary caffemodel as a NetParameter; a solver state given instead is named as such
+    (it may even parse as a NetParameter without layers, its fields read as other ones)."""
+    try:
+        param = read_binary_proto(path, caffe_pb2.NetParameter())
+    except NetSyntaxError:
+        _refuse_solver_state(path)
+        raise
+    if not (len(param.layer) or len(param.layers)):
+        _refuse_solver_state(path)
+    return param
+
+
+def _refuse_solver_state(path: str) -> None:
+    """The mirror of ``_refuse_weights_as_state``: weights were asked for."""
+    state = caffe_pb2.SolverState()
+    try:
+        state.ParseFromString(Path(path).read_bytes())
+    except Exception:  # not a solver state either
+        return
+    if len(state.history):
+        raise NetEngineError(f"{path} is a solver state, not weights: resume from it "
+                             "(--snapshot, solver.restore) or load the .caffemodel written "
+                             "beside it")
 
 
 def _refuse_weights_as_state(path: Path) -> None:

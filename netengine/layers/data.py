@@ -250,11 +250,9 @@ class Data(Layer):
                 return datasets.IDXSource(path)
             explicit_leveldb = (p.HasField("backend")
                                 and p.backend == caffe_pb2.DataParameter.LEVELDB)
-            crop = self.layer_param.transform_param.crop_size or (
-                p.crop_size if p.HasField("crop_size") else 0)
             # Caffe shapes each batch from its first record: with a crop, or one record per
             # batch, records may differ in size
-            ragged = bool(crop) or self.batch_size == 1
+            ragged = bool(self._transform_param(p).crop_size) or self.batch_size == 1
             if datasets.is_leveldb(path):
                 return datasets.LevelDBSource(path, self._forced_color(), ragged=ragged)
             if explicit_leveldb and datasets.is_lmdb(path):
@@ -276,12 +274,17 @@ class Data(Layer):
             raise self.fail("transform_param: cannot set both force_color and force_gray")
         return True if t.force_color else False if t.force_gray else None
 
-    def _make_transformer(self, p) -> datasets.Transformer:
+    def _transform_param(self, p) -> caffe_pb2.TransformationParameter:
+        """transform_param, with the deprecated data_param fields it does not set (V1 nets)."""
         param = caffe_pb2.TransformationParameter()
         param.CopyFrom(self.layer_param.transform_param)
         for old in ("scale", "mean_file", "crop_size", "mirror"):
             if p.HasField(old) and not param.HasField(old):
                 setattr(param, old, getattr(p, old))
+        return param
+
+    def _make_transformer(self, p) -> datasets.Transformer:
+        param = self._transform_param(p)
         mean = None
         try:
             if param.HasField("mean_file"):
@@ -840,10 +843,10 @@ class ImageData(Data):
             loaded = [images.load(line) for line in lines]
             ragged = any(image.shape != loaded[0].shape for image in loaded)
             if ragged and not transformer.crop:
-                line = next(ln for ln, im in zip(lines, loaded) if im.shape != loaded[0].shape)
-                image = loaded[lines.index(line)]
+                k = next(k for k, im in enumerate(loaded) if im.shape != loaded[0].shape)
+                image = loaded[k]
                 raise NetEngineError(
-                    f"{images.names[line]} is {image.shape[1]}x{image.shape[2]} but "
+                    f"{images.names[lines[k]]} is {image.shape[1]}x{image.shape[2]} but "
                     f"{images.names[lines[0]]} is {loaded[0].shape[1]}x{loaded[0].shape[2]}:"
                     " the images of a batch need one size (set new_height and new_width, "
                     "or a transform_param.crop_size)")
