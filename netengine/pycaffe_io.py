@@ -242,26 +242,25 @@ def blobprotovector_str_to_arraylist(serialized: bytes) -> list[np.ndarray]:
 
 def array_to_datum(arr: np.ndarray, label: int | None = None):
     """A (C, H, W) array as a Datum: uint8 arrays as bytes in ``data``, others as
-    ``float_data``."""
+    ``float_data`` (the engine's own conversion; pycaffe leaves ``label`` unset when None)."""
+    from netengine import datasets
+
     arr = np.asarray(arr)
     if arr.ndim != 3:
         raise NetEngineError(f"array_to_datum needs a (C, H, W) array, got shape {arr.shape}")
-    datum = caffe_pb2.Datum(channels=arr.shape[0], height=arr.shape[1], width=arr.shape[2])
-    if arr.dtype == np.uint8:
-        datum.data = arr.tobytes()
-    else:
-        datum.float_data.extend(arr.astype(np.float64).flat)
-    if label is not None:
-        datum.label = int(label)
+    datum = datasets.array_to_datum(arr, 0 if label is None else label)
+    if label is None:
+        datum.ClearField("label")
     return datum
 
 
 def datum_to_array(datum) -> np.ndarray:
-    """A Datum's values as (C, H, W): uint8 from ``data``, float64 from ``float_data``."""
-    shape = (datum.channels, datum.height, datum.width)
-    if len(datum.data):
-        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape).copy()  # writable
-    return np.array(datum.float_data, dtype=np.float64).reshape(shape)
+    """A Datum's values as (C, H, W): uint8 from ``data``, float64 from ``float_data``
+    (pycaffe's types; a writable copy)."""
+    from netengine import datasets
+
+    values, _ = datasets.datum_to_array(datum)
+    return values.copy() if values.dtype == np.uint8 else values.astype(np.float64)
 
 
 __all__ = ["Transformer", "array_to_blobproto", "array_to_datum",
