@@ -112,7 +112,7 @@ def _lenet_solver(batch: int, tmp: Path):
     from google.protobuf import text_format
 
     from netengine.proto import caffe_pb2
-    from netengine.solver import get_solver
+    from netengine.solvers import get_solver
 
     param = text_format.Parse(SOLVER.replace("solver_mode: CPU", "solver_mode: GPU"),
                               caffe_pb2.SolverParameter())
@@ -198,7 +198,7 @@ def bench_lenet(args, out: dict, budget: Budget, torch) -> None:
 
 # -- 2. GoogLeNet / ResNet-50 forward+backward -----------------------------------------------------
 def _deploy_net(path: Path, batch: int):
-    from netengine.io import read_text_proto
+    from netengine.formats.prototxt import read_text_proto
     from netengine.proto import caffe_pb2
 
     param, _ = read_text_proto(path, caffe_pb2.NetParameter())
@@ -431,7 +431,7 @@ def _torch_mnist_run(torch, max_iter: int, limit: float, device: str = "cuda") -
     from the embedded 8,000 training digits, 20×100 test digits every 500 iterations."""
     import torch.nn.functional as F
 
-    from netengine import datasets
+    from netengine.data import sources as datasets
 
     def load(stem: str):
         images = datasets.read_idx(str(REPO / "data" / "mnist" / f"{stem}-images-idx3-ubyte.gz"))
@@ -443,7 +443,7 @@ def _torch_mnist_run(torch, max_iter: int, limit: float, device: str = "cuda") -
         train_x, train_y = load("train")
         test_x, test_y = load("t10k")
     except Exception as err:
-        return {"skipped": f"cannot read data/mnist with netengine.datasets: {err}"}
+        return {"skipped": f"cannot read data/mnist with netengine.data.sources: {err}"}
     torch.manual_seed(1701)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 20, 5), torch.nn.MaxPool2d(2, 2, ceil_mode=True),

@@ -93,7 +93,8 @@ try:
     print("torch CUDA:", torch.cuda.is_available(), "cuDNN:", torch.backends.cudnn.version())
 except Exception:
     pass
-from netengine import backend, kernels
+from netengine import backend
+from netengine.ops import cuda_kernels as kernels
 print(backend.device_summary())
 print("cuDNN through CuPy:", kernels.cudnn_version())
 EOF

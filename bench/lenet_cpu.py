@@ -139,7 +139,7 @@ def _fashion_arrays(name: str):
     """Fashion-MNIST images (N, 1, 28, 28) scaled by 1/256 as float32, and labels."""
     import numpy as np
 
-    from netengine import datasets
+    from netengine.data import sources as datasets
 
     images = datasets.read_idx(FASHION / f"{name}-images-idx3-ubyte.gz")
     labels = datasets.read_idx(FASHION / f"{name}-labels-idx1-ubyte.gz")

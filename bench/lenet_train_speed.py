@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from netengine import backend  # noqa: E402
 from netengine.cli.time import layer_times  # noqa: E402
-from netengine.solver import SGDSolver  # noqa: E402
+from netengine.solvers import SGDSolver  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lenet_cpu import LENET  # noqa: E402 - the one LeNet definition of the benchmarks

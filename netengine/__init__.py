@@ -5,6 +5,8 @@ weights=...)``, ``net.blobs['data'].data[...] = x``, ``net.forward()``.
 """
 from __future__ import annotations
 
+import importlib
+
 from netengine.backend import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from netengine.errors import NetEngineError
 from netengine.layers import layer_type_list
@@ -21,13 +23,15 @@ def __getattr__(name: str):
     solver_names = {"get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver",
                     "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "Solver"}
     if name in solver_names:
-        from netengine import solver
+        from netengine import solvers as solver
 
         return getattr(solver, name)
     if name in ("NetSpec", "params", "to_proto"):  # pycaffe's net_spec names
-        from netengine import netspec
+        from netengine import net_spec as netspec
 
         return getattr(netspec, name)
+    if name == "io":  # pycaffe's caffe.io (Transformer, load_image, proto conversions)
+        return importlib.import_module("netengine.pycaffe_io")
     if name == "Classifier":
         from netengine.classifier import Classifier
 

@@ -1,8 +1,8 @@
 """The array module and the device: NumPy always, CuPy when installed and asked for.
 
-This is the only module that imports CuPy (:mod:`netengine.kernels` builds CuPy kernels and is
-imported only once CuPy is in use). Layers never choose a module themselves: they ask a blob
-for its ``xp`` (see :mod:`netengine.blob`).
+This is the only module that imports CuPy (:mod:`netengine.ops.cuda_kernels` builds CuPy
+kernels and is imported only once CuPy is in use). Layers never choose a module themselves:
+they ask a blob for its ``xp`` (see :mod:`netengine.blob`).
 
 Device model (docs/GPU.md): after :func:`set_mode_gpu` every new Blob allocates its data and
 diff with CuPy on the current device, and they stay there across iterations; ``blob.data`` and
@@ -279,7 +279,7 @@ def device_summary() -> str:
     except Exception:
         name, memory = "unknown", ""
     runtime = cupy.cuda.runtime.runtimeGetVersion()
-    from netengine import kernels
+    from netengine.ops import cuda_kernels as kernels
 
     cudnn = kernels.cudnn_version()
     return (f"GPU {dev}: {name}{memory}; CuPy {cupy.__version__}, CUDA runtime "

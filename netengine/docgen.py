@@ -12,7 +12,7 @@ import inspect
 import re
 from pathlib import Path
 
-from netengine import netspec
+from netengine import net_spec as netspec
 from netengine.proto import caffe_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -301,7 +301,7 @@ def generate() -> str:
 
 
 def write(path: Path = DOC_PATH) -> Path:
-    from netengine.io import write_atomic
+    from netengine.formats.prototxt import write_atomic
 
     write_atomic(path, generate())
     return path

@@ -150,8 +150,8 @@ def net_to_dot(net_param, rankdir: str = "LR", phase: int | None = None,
 
 def read_net(path) -> caffe_pb2.NetParameter:
     """A prototxt as a current-format NetParameter (legacy formats upgraded)."""
-    from netengine import upgrade
-    from netengine.io import read_text_proto
+    from netengine.formats import upgrade
+    from netengine.formats.prototxt import read_text_proto
 
     param, source = read_text_proto(path, caffe_pb2.NetParameter())
     lines = source.lines("layers") if len(param.layers) else source.lines("layer")
@@ -168,7 +168,7 @@ def render(dot_text: str, path, dot_program: str | None = None) -> Path:
     Returns the path written: ``path`` itself, or ``path`` with suffix ``.dot`` when ``path``
     wants an image and ``dot`` is not installed.
     """
-    from netengine.io import write_atomic
+    from netengine.formats.prototxt import write_atomic
 
     path = Path(path)
     fmt = path.suffix.lower()

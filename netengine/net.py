@@ -17,7 +17,7 @@ import numpy as np
 from netengine import backend
 from netengine.blob import Blob
 from netengine.errors import LayerError, NetEngineError
-from netengine.io import SourceMap, read_text_proto
+from netengine.formats.prototxt import SourceMap, read_text_proto
 from netengine.layers import Layer, create_layer
 from netengine.logging_glog import at, fmt
 from netengine.proto import caffe_pb2
@@ -171,7 +171,7 @@ def proto_shape_matches(blob: Blob, proto) -> bool:
 
 def blob_to_proto(blob: Blob, write_diff: bool = False):
     """The blob as a BlobProto, byte-compatible with Caffe's Blob::ToProto."""
-    from netengine.snapshot import blob_proto
+    from netengine.formats.snapshot import blob_proto
 
     return blob_proto(blob.data, blob.shape, blob.diff if write_diff else None)
 
@@ -263,7 +263,7 @@ class Net:
 
     def _upgrade(self, param, source: SourceMap) -> tuple[caffe_pb2.NetParameter, list]:
         """Bring legacy nets (V0/V1 layers, net-level inputs) to the current format."""
-        from netengine import upgrade
+        from netengine.formats import upgrade
 
         lines = source.lines("layers") if len(param.layers) else source.lines("layer")
         try:
@@ -789,7 +789,7 @@ class Net:
         if isinstance(source, caffe_pb2.NetParameter):
             param, where = source, None
         else:
-            from netengine import snapshot
+            from netengine.formats import snapshot
 
             where = str(source)
             if snapshot.is_hdf5(where):  # by content, as Caffe's CopyTrainedLayersFrom
@@ -845,7 +845,7 @@ class Net:
     def save(self, path: str) -> None:
         """Write the weights atomically: a binary caffemodel, or Caffe's HDF5 layout when
         ``path`` ends in ``.h5`` (needs h5py; pycaffe's ``save_hdf5``)."""
-        from netengine import snapshot
+        from netengine.formats import snapshot
 
         if str(path).endswith(".h5"):
             snapshot.write_model_hdf5(self, path)
@@ -853,12 +853,12 @@ class Net:
             snapshot.write_model(self, path)
 
     def save_hdf5(self, path: str) -> None:
-        from netengine import snapshot
+        from netengine.formats import snapshot
 
         snapshot.write_model_hdf5(self, path)
 
     def load_hdf5(self, path: str) -> list[str]:
-        from netengine import snapshot
+        from netengine.formats import snapshot
 
         return snapshot.load_weights_hdf5(self, path)
 

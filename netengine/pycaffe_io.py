@@ -1,9 +1,9 @@
 """pycaffe's ``caffe.io``: image loading and resizing, the input Transformer, 10-crop
 oversampling and BlobProto / Datum conversions, so classification scripts port unchanged.
 
-Re-exported by :mod:`netengine.io`, which is what ``import netengine as caffe; caffe.io``
-reaches. Images are float32 (H, W, K) in [0, 1] and RGB order, as pycaffe's ``load_image``
-gives them; Pillow (the ``images`` extra) decodes them.
+``import netengine as caffe; caffe.io`` reaches this module (Caffe's own file formats live in
+:mod:`netengine.formats`). Images are float32 (H, W, K) in [0, 1] and RGB order, as pycaffe's
+``load_image`` gives them; Pillow (the ``images`` extra) decodes them.
 
 Differences from pycaffe, which used scikit-image: ``load_image(color=False)`` converts with
 ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B; scikit-image weights 0.2125/0.7154/0.0721), and
@@ -25,7 +25,7 @@ from netengine.proto import caffe_pb2
 def load_image(filename: str | os.PathLike, color: bool = True) -> np.ndarray:
     """An image file as float32 (H, W, 3) RGB in [0, 1], or (H, W, 1) gray with
     ``color=False``."""
-    from netengine.datasets import import_pillow
+    from netengine.data.sources import import_pillow
 
     image_module = import_pillow()
     try:
@@ -68,7 +68,7 @@ def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1)
     if interp_order != 1:
         raise NetEngineError(f"resize_image: interp_order {interp_order} is not supported "
                              "(0 nearest, 1 bilinear)")
-    from netengine.datasets import linear_taps
+    from netengine.data.sources import linear_taps
 
     y0, y1, fy = linear_taps(im.shape[0], height)
     x0, x1, fx = linear_taps(im.shape[1], width)
@@ -243,7 +243,7 @@ def blobprotovector_str_to_arraylist(serialized: bytes) -> list[np.ndarray]:
 def array_to_datum(arr: np.ndarray, label: int | None = None):
     """A (C, H, W) array as a Datum: uint8 arrays as bytes in ``data``, others as
     ``float_data`` (the engine's own conversion; pycaffe leaves ``label`` unset when None)."""
-    from netengine import datasets
+    from netengine.data import sources as datasets
 
     arr = np.asarray(arr)
     if arr.ndim != 3:
@@ -257,7 +257,7 @@ def array_to_datum(arr: np.ndarray, label: int | None = None):
 def datum_to_array(datum) -> np.ndarray:
     """A Datum's values as (C, H, W): uint8 from ``data``, float64 from ``float_data``
     (pycaffe's types; a writable copy)."""
-    from netengine import datasets
+    from netengine.data import sources as datasets
 
     values, _ = datasets.datum_to_array(datum)
     return values.copy() if values.dtype == np.uint8 else values.astype(np.float64)

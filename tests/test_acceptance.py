@@ -44,11 +44,12 @@ import numpy as np
 import pytest
 from conftest import ACCEPTANCE
 
-from netengine import fillers, summary, upgrade
+from netengine import fillers, summary
 from netengine.blob import Blob
 from netengine.cli import summarize as summarize_cli
 from netengine.errors import DataSourceError, NetEngineError
-from netengine.io import read_text_proto
+from netengine.formats import upgrade
+from netengine.formats.prototxt import read_text_proto
 from netengine.layers import layer_type_list
 from netengine.proto import caffe_pb2
 

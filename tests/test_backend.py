@@ -31,10 +31,11 @@ from device_agreement import (
 )
 
 import netengine
-from netengine import backend, kernels, testing
+from netengine import backend, testing
 from netengine.blob import Blob
 from netengine.errors import NetEngineError
 from netengine.layers import REGISTRY
+from netengine.ops import cuda_kernels as kernels
 
 fcp = fake_cupy.cupy
 
@@ -195,7 +196,7 @@ def test_every_registered_type_is_covered():
 
 def test_lenet_solver_steps_on_fake_gpu(fake_gpu, tmp_path, golden_dir):
     """Three LeNet SGD iterations (golden net, weights and data) in GPU mode agree with CPU."""
-    solver_module = pytest.importorskip("netengine.solver")
+    solver_module = pytest.importorskip("netengine.solvers")
     data = np.load(golden_dir / "lenet_data.npz")
     images = data["images_uint8"][:192, None].astype(np.float32) * np.float32(0.00390625)
     labels = data["labels"][:192].astype(np.float32)
@@ -231,7 +232,7 @@ def test_lenet_solver_steps_on_fake_gpu(fake_gpu, tmp_path, golden_dir):
 @pytest.mark.parametrize("fmt", ["BINARYPROTO", "HDF5"])
 def test_snapshot_and_restore_on_fake_gpu(fmt, fake_gpu, tmp_path, golden_dir):
     """Snapshots copy device weights and history to the host; restore copies them back."""
-    solver_module = pytest.importorskip("netengine.solver")
+    solver_module = pytest.importorskip("netengine.solvers")
     if fmt == "HDF5":
         pytest.importorskip("h5py")
     text = (golden_dir / "tiny_solver_sgd.prototxt").read_text().replace(

@@ -18,7 +18,7 @@ import netengine.ops.pool_ops as pool_ops
 from netengine.blob import Blob
 from netengine.ops.pool_ops import FLT_MAX, pooled_size
 from netengine.proto import caffe_pb2
-from netengine.solver import SGDSolver, Solver
+from netengine.solvers import SGDSolver, Solver
 from netengine.testing import make_blobs, make_layer, setup_layer
 
 
@@ -164,7 +164,7 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" 
                                    "clip_gradients: 0.01"])
 def test_fused_sgd_update_is_bitwise_the_per_param_update(tmp_path, monkeypatch, extra,
                                                            cpu_path):
-    import netengine.solver as solver_module
+    import netengine.solvers.sgd as solver_module
 
     monkeypatch.setattr(solver_module, "UPDATE_BLOCK", 7)  # many blocks, a ragged last one
     text = ('base_lr: 0.05 momentum: 0.9 weight_decay: 0.01 lr_policy: "inv" gamma: 0.1 '

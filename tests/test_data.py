@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import serve
 
-from netengine import backend, datasets
+from netengine import backend
 from netengine.blob import Blob
+from netengine.data import sources as datasets
 from netengine.errors import NetEngineError
 from netengine.proto import caffe_pb2
 from netengine.testing import TEST, TRAIN, make_layer
@@ -149,7 +150,7 @@ def test_data_train_crop_within_bounds(tiny_idx):
 
 
 def test_data_mean_file_and_deprecated_data_param_fields(tiny_idx, tmp_path):
-    from netengine.io import write_binary_proto
+    from netengine.formats.prototxt import write_binary_proto
 
     path, images = tiny_idx
     mean = np.arange(30, dtype=np.float32).reshape(1, 1, 6, 5)
@@ -426,7 +427,7 @@ def test_data_parameter_errors(tiny_idx):
 
 
 def test_mean_file_errors_name_the_mean_file(tiny_idx, tmp_path):
-    from netengine.io import write_binary_proto
+    from netengine.formats.prototxt import write_binary_proto
 
     path, _ = tiny_idx
     wrong = tmp_path / "wrong.binaryproto"
@@ -451,7 +452,7 @@ def test_mean_file_errors_name_the_mean_file(tiny_idx, tmp_path):
 
 # -- the MNIST nets -------------------------------------------------------------------------------
 def test_mnist_train_test_net_data_sections():
-    from netengine.io import read_text_proto
+    from netengine.formats.prototxt import read_text_proto
 
     net, _ = read_text_proto(REPO / "nets" / "mnist_train_test.prototxt",
                              caffe_pb2.NetParameter())
@@ -472,7 +473,7 @@ def test_mnist_nets_match_caffes_lenet():
     """Every layer and parameter of Caffe's LeNet files, only the data sources differ."""
     from conftest import need_shared
 
-    from netengine.io import read_text_proto
+    from netengine.formats.prototxt import read_text_proto
 
     folder = need_shared("acceptance", "nets", "bvlc_caffe", "examples", "mnist")
     for ours, theirs in (("mnist_train_test.prototxt", "lenet_train_test.prototxt"),

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netengine import datasets
 from netengine.cli import convert_mnist, get_mnist
+from netengine.data import sources as datasets
 from netengine.errors import NetEngineError
 from netengine.proto import caffe_pb2
 
@@ -292,7 +292,7 @@ def test_transform_errors():
 
 
 def test_read_mean_file(tmp_path):
-    from netengine.io import write_binary_proto
+    from netengine.formats.prototxt import write_binary_proto
 
     proto = caffe_pb2.BlobProto(num=1, channels=2, height=1, width=3)
     proto.data.extend([1, 2, 3, 4, 5, 6])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import netengine
-from netengine.io import read_text_proto
+from netengine.formats.prototxt import read_text_proto
 from netengine.proto import caffe_pb2
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,9 +25,10 @@ from device_agreement import (
 )
 
 import netengine
-from netengine import backend, kernels, testing
+from netengine import backend, testing
 from netengine.blob import Blob
 from netengine.errors import NetEngineError
+from netengine.ops import cuda_kernels as kernels
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not HAVE_GPU, reason="CuPy with a usable GPU is not available")]
@@ -238,7 +239,7 @@ def test_cudnn_convolution_matches_generic(cp):
 
 # -- LeNet: 40 solver iterations, steady-state memory, tools/train ---------------------------------
 def _lenet_run(tmp_path: Path, device: bool, iterations: int = 40):
-    from netengine.solver import get_solver
+    from netengine.solvers import get_solver
 
     data = np.load(GOLDEN / "lenet_data.npz")
     images = data["images_uint8"].astype(np.float32)[:, None] * np.float32(0.00390625)
@@ -267,7 +268,7 @@ def _lenet_run(tmp_path: Path, device: bool, iterations: int = 40):
 
 
 def test_lenet_40_iterations_gpu_vs_cpu(cp, tmp_path, golden_dir):
-    pytest.importorskip("netengine.solver")
+    pytest.importorskip("netengine.solvers")
     if not (GOLDEN / "lenet_data.npz").exists():
         pytest.skip("golden LeNet data absent")
     cpu_losses, cpu_params, _ = _lenet_run(tmp_path, False)

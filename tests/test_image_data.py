@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import serve
 
-from netengine import backend, datasets
+from netengine import backend
 from netengine.blob import Blob
+from netengine.data import sources as datasets
 from netengine.errors import NetEngineError
 from netengine.testing import TEST, TRAIN, make_layer
 
@@ -329,7 +330,7 @@ def test_window_data_context_pad_and_mirror(window_file, tmp_path):
 
 
 def test_window_data_square_mode_and_mean_file(window_file, tmp_path):
-    from netengine.io import write_binary_proto
+    from netengine.formats.prototxt import write_binary_proto
     from netengine.proto import caffe_pb2
 
     _, _, b = window_file

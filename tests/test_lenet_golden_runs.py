@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from conftest import GOLDEN
 
-from netengine import lr_policy
 from netengine.layers import REGISTRY, layer_type_list
-from netengine.solver import get_solver
+from netengine.solvers import get_solver, lr_policy
 
 LENET_TYPES = ("Input", "Convolution", "Pooling", "InnerProduct", "ReLU", "SoftmaxWithLoss")
 RUNS = ["sgd", "adam", "sgd_step", "sgd_itersize2"]

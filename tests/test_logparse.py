@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import need_shared
 
-from netengine import logparse
 from netengine.cli import parse_log, plot_log
+from netengine.formats import caffe_log as logparse
 
 CIFAR_LOG = ("acceptance", "weights", "everpeace_caffe", "examples", "cifar10", "train_log.txt")
 
@@ -185,7 +185,7 @@ def test_netengine_training_log_end_to_end(tmp_path):
 
     from netengine import logging_glog
     from netengine.proto import caffe_pb2
-    from netengine.solver import get_solver
+    from netengine.solvers import get_solver
 
     param = text_format.Parse("""
         base_lr: 0.1 lr_policy: "step" gamma: 0.1 stepsize: 5 max_iter: 10 display: 5

@@ -9,8 +9,8 @@ from google.protobuf import text_format
 
 import netengine
 from netengine import net as net_module
-from netengine import snapshot
 from netengine.errors import NetEngineError
+from netengine.formats import snapshot
 from netengine.layers import REGISTRY, layer_type_list
 from netengine.net import Net, blob_to_proto, insert_splits, layer_included, state_meets_rule
 from netengine.proto import caffe_pb2

@@ -6,8 +6,8 @@ import pytest
 from conftest import REPO, need_shared
 from google.protobuf import text_format
 
-from netengine import netspec
-from netengine.io import read_text_proto
+from netengine import net_spec as netspec
+from netengine.formats.prototxt import read_text_proto
 from netengine.proto import caffe_pb2
 
 L, P = netspec.layers, netspec.params

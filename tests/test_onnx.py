@@ -12,9 +12,9 @@ from google.protobuf import text_format
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-from netengine import onnx_export  # noqa: E402
 from netengine.cli import export_onnx  # noqa: E402
 from netengine.errors import NetEngineError  # noqa: E402
+from netengine.formats import onnx as onnx_export  # noqa: E402
 from netengine.net import TEST, TRAIN, Net  # noqa: E402
 from netengine.proto import caffe_pb2  # noqa: E402
 

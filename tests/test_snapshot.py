@@ -15,11 +15,12 @@ import pytest
 from conftest import REPO
 from test_solver import Feeder, need_layers, solver_text, tiny_data, tiny_solver, write_tiny
 
-from netengine import backend, snapshot
+from netengine import backend
 from netengine.errors import NetEngineError, SolverError
+from netengine.formats import snapshot
 from netengine.layers import Layer, register
 from netengine.proto import caffe_pb2
-from netengine.solver import SOLVERS, get_solver
+from netengine.solvers import SOLVERS, get_solver
 
 try:
     import h5py
@@ -280,7 +281,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     sys.path.insert(0, {repo!r})
-    from netengine import snapshot
+    from netengine.formats import snapshot
     from netengine.blob import Blob
 
     class FakeNet:  # one layer with a 16 MB blob, enough for a write to take a while

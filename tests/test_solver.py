@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 
 import netengine
-from netengine import lr_policy
-from netengine import solver as solver_module
 from netengine.errors import SolverError
 from netengine.layers import REGISTRY, layer_type_list
 from netengine.proto import caffe_pb2
-from netengine.solver import (
+from netengine.solvers import (
     SOLVERS,
     AdaDeltaSolver,
     AdamSolver,
     SGDSolver,
     get_solver,
+    lr_policy,
     read_solver_param,
 )
+from netengine.solvers import solver as solver_module
 
 TINY_NET = """name: "tiny"
 layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: {n} dim: 3 }} }} }}
@@ -495,7 +495,7 @@ def test_multistep_logs_its_status_when_the_step_advances(tmp_path, monkeypatch)
 def test_inline_net_param_and_train_state(tmp_path):
     need_layers("Input", "InnerProduct", "EuclideanLoss")
     param = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="fixed")
-    from netengine.io import parse_text
+    from netengine.formats.prototxt import parse_text
 
     parse_text(TINY_NET.format(n=4, lr_w=1, lr_b=2, dm_w=1, dm_b=0), param.net_param)
     solver = get_solver(param)

@@ -14,11 +14,11 @@ import pytest
 from conftest import ACCEPTANCE
 from google.protobuf import text_format
 
-from netengine import upgrade
 from netengine.cli import upgrade_net as upgrade_net_cli
 from netengine.cli import upgrade_solver as upgrade_solver_cli
 from netengine.errors import NetEngineError
-from netengine.io import read_binary_proto, read_text_proto
+from netengine.formats import upgrade
+from netengine.formats.prototxt import read_binary_proto, read_text_proto
 from netengine.net import Net
 from netengine.proto import caffe_pb2
 

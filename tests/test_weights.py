@@ -14,7 +14,7 @@ import pytest
 from conftest import ACCEPTANCE, SHARED
 
 from netengine.errors import LayerError
-from netengine.io import read_binary_proto
+from netengine.formats.prototxt import read_binary_proto
 from netengine.net import Net, blob_from_proto
 from netengine.proto import caffe_pb2
 
@@ -179,7 +179,7 @@ def test_lenets_classify_the_ten_sample_digits(model, proto):
 
 
 def _mnist_10k():
-    from netengine.datasets import read_idx
+    from netengine.data.sources import read_idx
 
     folder = SHARED / "data/mnist-npm10k"
     images = read_idx(need(folder / "images-idx3-ubyte.gz"))

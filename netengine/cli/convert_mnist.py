@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from netengine import datasets
+from netengine.data import sources as datasets
 from netengine.errors import NetEngineError
 
 

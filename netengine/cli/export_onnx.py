@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from netengine import onnx_export
+        from netengine.formats import onnx as onnx_export
         from netengine.net import TEST, Net
         from netengine.summary import parse_shape_spec
 

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
             return 1
         print(f"{args.out} is up to date")
         return 0
-    from netengine.io import write_atomic
+    from netengine.formats.prototxt import write_atomic
 
     write_atomic(args.out, text)
     print(f"Wrote {args.out} ({len(docgen.shipped_types())} layer types)")

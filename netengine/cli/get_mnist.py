@@ -130,7 +130,7 @@ def fetch(spec: FileSpec, folder: Path, mirrors=MIRRORS, log=print) -> Path:
 
 def gunzip(path: Path) -> Path:
     """Write the uncompressed twin of ``path`` (X.gz → X) beside it (for Caffe's own tools)."""
-    from netengine.io import write_atomic
+    from netengine.formats.prototxt import write_atomic
 
     out = path.with_name(path.name[:-3])
     write_atomic(out, gzip.decompress(path.read_bytes()))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from netengine import logparse
 from netengine.errors import NetEngineError
+from netengine.formats import caffe_log as logparse
 
 
 def _chart_list() -> str:

@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def score(args) -> int:
-    from netengine import snapshot
+    from netengine.formats import snapshot
     from netengine.net import TEST, TRAIN, Net
 
     if not args.model:

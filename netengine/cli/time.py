@@ -66,7 +66,7 @@ def layer_times(net, iterations: int, report=None) -> tuple[list[float], list[fl
 
 
 def benchmark(args) -> int:
-    from netengine import snapshot
+    from netengine.formats import snapshot
     from netengine.net import TEST, TRAIN, Net
 
     if not args.model:

@@ -120,7 +120,7 @@ def _device(args, param) -> int | None:
 
 
 def train(args) -> int:
-    from netengine.solver import get_solver, read_solver_param
+    from netengine.solvers import get_solver, read_solver_param
 
     if not args.solver:
         raise NetEngineError("need a solver definition to train: give --solver")

@@ -4,7 +4,7 @@ upgrade_net_proto_text / upgrade_net_proto_binary).
     tools/upgrade_net IN OUT
 
 IN may be a prototxt or a binary caffemodel (detected by content); OUT is written in the same
-form (text or binary). Applies the steps of :mod:`netengine.upgrade` (V0 → V1 with padding
+form (text or binary). Applies the steps of :mod:`netengine.formats.upgrade` (V0 → V1 with padding
 layers folded, V1 → V2, data-layer transform fields, net-level inputs → Input layer, BatchNorm
 param blocks). Comments are not kept (as in Caffe). Exit status 0 on success (also when the
 file was already current: it is then copied as parsed), 1 with a one-line reason otherwise.
@@ -18,9 +18,9 @@ from pathlib import Path
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from netengine import upgrade
 from netengine.errors import NetEngineError
-from netengine.io import SourceMap, layer_blocks, parse_text, write_atomic
+from netengine.formats import upgrade
+from netengine.formats.prototxt import SourceMap, layer_blocks, parse_text, write_atomic
 from netengine.proto import caffe_pb2
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from netengine import upgrade
 from netengine.cli.upgrade_net import read_any, write_like
 from netengine.errors import NetEngineError
+from netengine.formats import upgrade
 from netengine.proto import caffe_pb2
 
 

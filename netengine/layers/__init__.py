@@ -33,7 +33,7 @@ def __getattr__(name: str):
     # pycaffe's ``from caffe import layers as L``: L.Convolution(...) is net_spec's layer
     # factory. This package holds the implementations, so unknown names go to the factory.
     if name[:1].isupper():
-        from netengine import netspec
+        from netengine import net_spec as netspec
 
         return getattr(netspec.layers, name)
     raise AttributeError(f"module '{__name__}' has no attribute '{name}'")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from netengine import backend, datasets, fillers
+from netengine import backend, fillers
 from netengine.blob import Blob
+from netengine.data import sources as datasets
 from netengine.errors import DataSourceError, LayerError, NetEngineError
 from netengine.layers.base import Layer, register
 from netengine.proto import caffe_pb2
@@ -198,7 +199,7 @@ class Data(Layer):
     netengine's extension: a source naming an MNIST IDX images file (``…-idx3-ubyte[.gz]``) is
     read directly, labels from the ``…-idx1-ubyte[.gz]`` file beside it (backend ignored).
     Relative sources resolve against the current directory, then ``search_dirs`` (set by the
-    net), then ``netengine.datasets.SEARCH_DIRS`` (the repository root).
+    net), then ``netengine.data.sources.SEARCH_DIRS`` (the repository root).
 
     Records are served in order and wrap around: batch ``b`` holds records
     ``[s + b·N, s + (b+1)·N) mod size`` with ``s`` the rand_skip offset (drawn once from the

@@ -476,7 +476,7 @@ class InfogainLoss(LossLayer):
             if not source:
                 raise self.fail("needs the infogain matrix: a third bottom or "
                                 "infogain_loss_param.source")
-            from netengine.io import read_binary_proto
+            from netengine.formats.prototxt import read_binary_proto
             from netengine.net import blob_from_proto
 
             try:

@@ -36,7 +36,7 @@ import numpy as np
 from netengine.errors import NetEngineError
 from netengine.proto import caffe_pb2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Folders searched, after the current directory, for a relative data source. The Net/Solver
 # may append the prototxt's or solver's folder (``add_search_dir``).
@@ -180,7 +180,7 @@ def gzip_bytes(data: bytes) -> bytes:
 
 def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None = None) -> None:
     """Write ``array`` as IDX (atomically); gzipped when ``compress`` or the name ends .gz."""
-    from netengine.io import write_atomic
+    from netengine.formats.prototxt import write_atomic
 
     data = idx_bytes(array)
     if compress or (compress is None and str(path).endswith(".gz")):
@@ -524,7 +524,7 @@ def write_leveldb(path: str | os.PathLike, items: Iterable[tuple[bytes, bytes]])
 # -- transform_param ------------------------------------------------------------------------------
 def read_mean_file(path: str | os.PathLike) -> np.ndarray:
     """A mean image from a binaryproto BlobProto, as a (C, H, W) float32 array."""
-    from netengine.io import read_binary_proto
+    from netengine.formats.prototxt import read_binary_proto
     from netengine.net import blob_from_proto
 
     try:

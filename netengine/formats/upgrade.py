@@ -377,7 +377,7 @@ def _upgrade_batch_norm(param, report: _Report) -> None:
 def _first_block_lines(file: str | None) -> dict[str, int]:
     if not file:
         return {}
-    from netengine.io import layer_blocks, read_text_file
+    from netengine.formats.prototxt import layer_blocks, read_text_file
 
     try:
         blocks = layer_blocks(read_text_file(file))

@@ -2,7 +2,7 @@
 equivalents compute exactly what Caffe computes.
 
     from netengine.net import Net
-    from netengine.onnx_export import export
+    from netengine.formats.onnx import export
     export(Net("deploy.prototxt", weights="w.caffemodel"), "net.onnx")
 
 The net is built first (TEST phase), so every shape is known and fixed: the ONNX graph has the
@@ -531,7 +531,7 @@ def output_names(model) -> list[str]:
 
 def export(net, path) -> object:
     """Write ``net`` as an ONNX file (atomically); returns the model."""
-    from netengine.io import write_atomic
+    from netengine.formats.prototxt import write_atomic
 
     model = to_onnx(net)
     write_atomic(path, model.SerializeToString())

@@ -18,10 +18,11 @@ HDF5 (``snapshot_format: HDF5``, needs the optional ``h5py``):
 * ``<prefix>_iter_N.solverstate.h5``: int32 datasets ``iter`` and ``current_step`` of shape
   (1,), a NUL-terminated string ``learned_net`` and group ``history`` with datasets ``0``...
 
-Every file is written atomically (:func:`netengine.io.write_atomic`: temporary file, fsync,
-rename), so a crash or kill at any moment leaves either the previous file or the complete new
-one, never a truncated file. Blobs are encoded straight from the array's bytes (packed floats),
-which gives the same bytes as protobuf's own serializer without a Python list per blob.
+Every file is written atomically (:func:`netengine.formats.prototxt.write_atomic`: temporary
+file, fsync, rename), so a crash or kill at any moment leaves either the previous file or the
+complete new one, never a truncated file. Blobs are encoded straight from the array's bytes
+(packed floats), which gives the same bytes as protobuf's own serializer without a Python list
+per blob.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import numpy as np
 
 from netengine import backend
 from netengine.errors import NetEngineError, NetSyntaxError, SolverError
-from netengine.io import read_binary_proto, write_atomic, write_binary_proto
+from netengine.formats.prototxt import read_binary_proto, write_atomic, write_binary_proto
 from netengine.proto import caffe_pb2
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"

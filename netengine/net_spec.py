@@ -1,6 +1,6 @@
 """NetSpec: write Caffe nets in Python and get a NetParameter (pycaffe's ``net_spec``).
 
-    from netengine import netspec
+    from netengine import net_spec as netspec
     L, P = netspec.layers, netspec.params
     n = netspec.NetSpec()
     n.data, n.label = L.Data(source="mnist_lmdb", batch_size=64, backend=P.Data.LMDB,
@@ -322,7 +322,7 @@ class NetSpec:
 
     def save(self, path, name: str | None = None) -> None:
         """Write the net as prototxt (atomically)."""
-        from netengine.io import write_atomic
+        from netengine.formats.prototxt import write_atomic
 
         write_atomic(path, self.to_prototxt(name))
 

@@ -156,7 +156,7 @@ def _cell(value) -> str:
 
 def write_csv(path, rows: list[dict], delimiter: str = ",") -> None:
     """Write ``rows`` with a header line (just the base columns when there are no rows)."""
-    from netengine.io import write_atomic
+    from netengine.formats.prototxt import write_atomic
 
     columns = LogTables.columns(rows)
     lines = [delimiter.join(columns)]

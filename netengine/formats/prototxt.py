@@ -200,24 +200,6 @@ def write_text_proto(path: str | os.PathLike, message: pb_message.Message) -> No
     write_atomic(path, text_format.MessageToString(message))
 
 
-# pycaffe's ``caffe.io`` names live beside Caffe's file formats (``import netengine as caffe;
-# caffe.io.Transformer``); pycaffe_io imports nothing from this module.
-from netengine.pycaffe_io import (  # noqa: E402
-    Transformer,
-    array_to_blobproto,
-    array_to_datum,
-    arraylist_to_blobprotovector_str,
-    blobproto_to_array,
-    blobprotovector_str_to_arraylist,
-    datum_to_array,
-    load_image,
-    oversample,
-    resize_image,
-)
-
 __all__ = ["LayerBlock", "SourceMap", "layer_blocks", "parse_text", "read_binary_proto",
            "read_proto", "read_text_file", "read_text_proto", "write_atomic",
-           "write_binary_proto", "write_text_proto", "Transformer", "array_to_blobproto",
-           "array_to_datum", "arraylist_to_blobprotovector_str", "blobproto_to_array",
-           "blobprotovector_str_to_arraylist", "datum_to_array", "load_image", "oversample",
-           "resize_image"]
+           "write_binary_proto", "write_text_proto"]
