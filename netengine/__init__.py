@@ -31,7 +31,7 @@ def __getattr__(name: str):
 
         return getattr(netspec, name)
     if name == "io":  # pycaffe's caffe.io (Transformer, load_image, proto conversions)
-        return importlib.import_module("netengine.pycaffe_io")
+        return importlib.import_module("netengine.io")
     if name == "Classifier":
         from netengine.classifier import Classifier
 

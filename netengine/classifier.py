@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from netengine import pycaffe_io
+from netengine import io as pycaffe_io
+from netengine.io import Transformer, resize_image
 from netengine.net import TEST, Net
-from netengine.pycaffe_io import Transformer, resize_image
 
 
 class Classifier(Net):
