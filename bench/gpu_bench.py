@@ -431,11 +431,11 @@ def _torch_mnist_run(torch, max_iter: int, limit: float, device: str = "cuda") -
     from the embedded 8,000 training digits, 20×100 test digits every 500 iterations."""
     import torch.nn.functional as F
 
-    from netengine.data import sources as datasets
+    from netengine.data.idx import read_idx
 
     def load(stem: str):
-        images = datasets.read_idx(str(REPO / "data" / "mnist" / f"{stem}-images-idx3-ubyte.gz"))
-        labels = datasets.read_idx(str(REPO / "data" / "mnist" / f"{stem}-labels-idx1-ubyte.gz"))
+        images = read_idx(str(REPO / "data" / "mnist" / f"{stem}-images-idx3-ubyte.gz"))
+        labels = read_idx(str(REPO / "data" / "mnist" / f"{stem}-labels-idx1-ubyte.gz"))
         x = torch.as_tensor(np.asarray(images, np.float32)[:, None] * 0.00390625, device=device)
         return x, torch.as_tensor(np.asarray(labels, np.int64), device=device)
 

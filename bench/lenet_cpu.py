@@ -139,10 +139,10 @@ def _fashion_arrays(name: str):
     """Fashion-MNIST images (N, 1, 28, 28) scaled by 1/256 as float32, and labels."""
     import numpy as np
 
-    from netengine.data import sources as datasets
+    from netengine.data.idx import read_idx
 
-    images = datasets.read_idx(FASHION / f"{name}-images-idx3-ubyte.gz")
-    labels = datasets.read_idx(FASHION / f"{name}-labels-idx1-ubyte.gz")
+    images = read_idx(FASHION / f"{name}-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION / f"{name}-labels-idx1-ubyte.gz")
     x = (images.reshape(-1, 1, 28, 28).astype(np.float32) * np.float32(0.00390625))
     return x, labels.astype(np.float32)
 

@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from netengine.data.sources import read_idx, write_idx  # noqa: E402
+from netengine.data.idx import read_idx, write_idx  # noqa: E402
 
 SEED = 1701
 NUM_TRAIN = 8000

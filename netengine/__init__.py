@@ -23,13 +23,13 @@ def __getattr__(name: str):
     solver_names = {"get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver",
                     "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "Solver"}
     if name in solver_names:
-        from netengine import solvers as solver
+        from netengine import solvers
 
-        return getattr(solver, name)
+        return getattr(solvers, name)
     if name in ("NetSpec", "params", "to_proto"):  # pycaffe's net_spec names
-        from netengine import net_spec as netspec
+        from netengine import net_spec
 
-        return getattr(netspec, name)
+        return getattr(net_spec, name)
     if name == "io":  # pycaffe's caffe.io (Transformer, load_image, proto conversions)
         return importlib.import_module("netengine.io")
     if name == "Classifier":

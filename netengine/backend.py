@@ -17,6 +17,7 @@ import types
 import numpy as np
 
 from netengine.errors import NetEngineError
+from netengine.ops import cuda_kernels
 
 _state = {"mode": "cpu", "device": 0, "seed": None}
 _rng: list[np.random.Generator] = [np.random.default_rng()]
@@ -279,9 +280,8 @@ def device_summary() -> str:
     except Exception:
         name, memory = "unknown", ""
     runtime = cupy.cuda.runtime.runtimeGetVersion()
-    from netengine.ops import cuda_kernels as kernels
 
-    cudnn = kernels.cudnn_version()
+    cudnn = cuda_kernels.cudnn_version()
     return (f"GPU {dev}: {name}{memory}; CuPy {cupy.__version__}, CUDA runtime "
             f"{runtime // 1000}.{runtime % 1000 // 10}; cuDNN "
             f"{cudnn if cudnn else 'not available through CuPy'}")

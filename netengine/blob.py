@@ -12,6 +12,8 @@ import types
 import numpy as np
 
 from netengine import backend
+from netengine.errors import NetEngineError
+from netengine.proto import caffe_pb2
 
 MAX_BLOB_AXES = 32
 
@@ -162,3 +164,77 @@ class Blob:
 
     def __repr__(self) -> str:
         return f"Blob(shape={self._shape}, dtype={self.dtype.name})"
+
+
+# -- Blob <-> BlobProto ----------------------------------------------------------------------------
+def blob_from_proto(proto, dtype=np.float32) -> np.ndarray:
+    """The values of a BlobProto as a host array in its own shape (legacy 4-D or BlobShape)."""
+    if proto.HasField("shape"):
+        shape = tuple(proto.shape.dim)
+    elif any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (proto.num, proto.channels, proto.height, proto.width)
+    else:
+        shape = (len(proto.data) or len(proto.double_data),)
+    values = proto.double_data if len(proto.double_data) else proto.data
+    array = np.asarray(values, dtype=dtype)
+    if array.size != int(np.prod(shape)):
+        raise NetEngineError(f"blob has {array.size} values but its shape {shape} needs "
+                             f"{int(np.prod(shape))}")
+    return array.reshape(shape)
+
+
+def proto_shape_matches(blob: Blob, proto) -> bool:
+    """Caffe's ShapeEquals: legacy 4-D protos match the blob's shape right-aligned in 4 axes."""
+    if proto.HasField("shape") or not any(
+            proto.HasField(f) for f in ("num", "channels", "height", "width")):
+        return tuple(proto.shape.dim) == blob.shape
+    if blob.num_axes > 4:
+        return False
+    legacy = (1,) * (4 - blob.num_axes) + blob.shape
+    return legacy == (proto.num, proto.channels, proto.height, proto.width)
+
+
+def blob_to_proto(blob: Blob, write_diff: bool = False):
+    """The blob as a BlobProto, byte-compatible with Caffe's Blob::ToProto."""
+    return blob_proto(blob.data, blob.shape, blob.diff if write_diff else None)
+
+
+# Blobs are encoded straight from the array's bytes (packed floats): the same bytes as
+# protobuf's own serializer, without a Python list per blob.
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _packed(tag: int, payload: bytes) -> bytes:
+    return bytes([tag]) + _varint(len(payload)) + payload
+
+
+def blob_proto(array, shape: tuple | None = None, diff=None) -> caffe_pb2.BlobProto:
+    """A BlobProto with ``shape`` and float ``data`` (and ``diff``), like Caffe's Blob::ToProto."""
+    host = np.ascontiguousarray(backend.to_host(array), dtype="<f4")
+    shape = host.shape if shape is None else tuple(shape)
+    payload = b""
+    if host.size:
+        payload += _packed(0x2A, host.tobytes())  # field 5, data
+    if diff is not None:
+        host_diff = np.ascontiguousarray(backend.to_host(diff), dtype="<f4")
+        if host_diff.size:
+            payload += _packed(0x32, host_diff.tobytes())  # field 6, diff
+    if shape:  # a 0-axis blob has no shape field, as Caffe writes it
+        dims = b"".join(_varint(int(d)) for d in shape)
+        payload += _packed(0x3A, _packed(0x0A, dims))  # field 7, shape {dim}
+    return caffe_pb2.BlobProto.FromString(payload)
+
+
+def blob_array(proto) -> np.ndarray:
+    """The values of a BlobProto in its own shape (BlobShape or legacy num/channels/h/w)."""
+    return blob_from_proto(proto, np.float32)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from netengine import io as pycaffe_io
+from netengine import io
 from netengine.io import Transformer, resize_image
 from netengine.net import TEST, Net
 
@@ -42,7 +42,7 @@ class Classifier(Net):
         height, width = (int(d) for d in self.image_dims)
         images = np.stack([resize_image(image, (height, width)) for image in inputs])
         if oversample:
-            crops = pycaffe_io.oversample(images, self.crop_dims)
+            crops = io.oversample(images, self.crop_dims)
         else:
             crop_h, crop_w = (int(d) for d in self.crop_dims)
             top, left = int(height / 2.0 - crop_h / 2.0), int(width / 2.0 - crop_w / 2.0)

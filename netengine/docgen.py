@@ -12,7 +12,10 @@ import inspect
 import re
 from pathlib import Path
 
-from netengine import net_spec as netspec
+from netengine import net_spec
+from netengine.formats.prototxt import write_atomic
+from netengine.layers import REGISTRY, layer_type_list
+from netengine.layers.base import FORK_LAYER_TYPES
 from netengine.proto import caffe_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +179,7 @@ def _code_names(klass) -> set[str]:
 def layer_params(type_name: str, cls) -> list[str]:
     """The LayerParameter message fields a type reads: its own ``<type>_param`` and shared
     ones (netspec's routing), plus any other ``*_param`` its class's methods use."""
-    fields = list(netspec.param_fields(type_name))
+    fields = list(net_spec.param_fields(type_name))
     message_fields = {f.name for f in _LAYER.fields
                       if f.message_type is not None and f.name.endswith("_param")}
     for klass in cls.__mro__:
@@ -257,17 +260,12 @@ def _shared_messages(comments: dict, shared: set) -> list[str]:
 def shipped_types() -> list[str]:
     """Registered types implemented in netengine/layers (not ones that tests or user code
     registered at run time)."""
-    from netengine.layers import REGISTRY, layer_type_list
-
     return [name for name in layer_type_list()
             if REGISTRY[name].__module__.startswith("netengine.layers.")]
 
 
 def generate() -> str:
     """The Markdown text of docs/layers.md."""
-    from netengine.layers import REGISTRY
-    from netengine.layers.base import FORK_LAYER_TYPES
-
     comments = proto_comments()
     types = shipped_types()
     shared: set[str] = set()
@@ -301,7 +299,5 @@ def generate() -> str:
 
 
 def write(path: Path = DOC_PATH) -> Path:
-    from netengine.formats.prototxt import write_atomic
-
     write_atomic(path, generate())
     return path

@@ -14,6 +14,9 @@ import subprocess
 from pathlib import Path
 
 from netengine.errors import NetEngineError
+from netengine.formats import upgrade
+from netengine.formats.prototxt import read_text_proto, write_atomic
+from netengine.net import layer_included
 from netengine.proto import caffe_pb2
 
 LAYER_COLORS = {"Convolution": "#FF5050", "Deconvolution": "#FF5050", "Pooling": "#FF9900",
@@ -105,8 +108,6 @@ def edge_label(layer) -> str | None:
 
 def select_layers(net_param, phase: int | None) -> list:
     """The net's layers kept in ``phase`` (Caffe's include/exclude rules); all when None."""
-    from netengine.net import layer_included
-
     if phase is None:
         return list(net_param.layer)
     state = caffe_pb2.NetState(phase=phase)
@@ -150,9 +151,6 @@ def net_to_dot(net_param, rankdir: str = "LR", phase: int | None = None,
 
 def read_net(path) -> caffe_pb2.NetParameter:
     """A prototxt as a current-format NetParameter (legacy formats upgraded)."""
-    from netengine.formats import upgrade
-    from netengine.formats.prototxt import read_text_proto
-
     param, source = read_text_proto(path, caffe_pb2.NetParameter())
     lines = source.lines("layers") if len(param.layers) else source.lines("layer")
     try:
@@ -168,8 +166,6 @@ def render(dot_text: str, path, dot_program: str | None = None) -> Path:
     Returns the path written: ``path`` itself, or ``path`` with suffix ``.dot`` when ``path``
     wants an image and ``dot`` is not installed.
     """
-    from netengine.formats.prototxt import write_atomic
-
     path = Path(path)
     fmt = path.suffix.lower()
     if fmt in DOT_FORMATS or not fmt:

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from netengine.data import db
+from netengine.data.images import import_pillow, linear_taps
 from netengine.errors import NetEngineError
 from netengine.proto import caffe_pb2
 
@@ -25,8 +27,6 @@ from netengine.proto import caffe_pb2
 def load_image(filename: str | os.PathLike, color: bool = True) -> np.ndarray:
     """An image file as float32 (H, W, 3) RGB in [0, 1], or (H, W, 1) gray with
     ``color=False``."""
-    from netengine.data.sources import import_pillow
-
     image_module = import_pillow()
     try:
         with image_module.open(filename) as image:
@@ -68,8 +68,6 @@ def resize_image(im: np.ndarray, new_dims: Sequence[int], interp_order: int = 1)
     if interp_order != 1:
         raise NetEngineError(f"resize_image: interp_order {interp_order} is not supported "
                              "(0 nearest, 1 bilinear)")
-    from netengine.data.sources import linear_taps
-
     y0, y1, fy = linear_taps(im.shape[0], height)
     x0, x1, fx = linear_taps(im.shape[1], width)
     fy = fy.astype(np.float32)[:, None, None]
@@ -243,12 +241,10 @@ def blobprotovector_str_to_arraylist(serialized: bytes) -> list[np.ndarray]:
 def array_to_datum(arr: np.ndarray, label: int | None = None):
     """A (C, H, W) array as a Datum: uint8 arrays as bytes in ``data``, others as
     ``float_data`` (the engine's own conversion; pycaffe leaves ``label`` unset when None)."""
-    from netengine.data import sources as datasets
-
     arr = np.asarray(arr)
     if arr.ndim != 3:
         raise NetEngineError(f"array_to_datum needs a (C, H, W) array, got shape {arr.shape}")
-    datum = datasets.array_to_datum(arr, 0 if label is None else label)
+    datum = db.array_to_datum(arr, 0 if label is None else label)
     if label is None:
         datum.ClearField("label")
     return datum
@@ -257,9 +253,7 @@ def array_to_datum(arr: np.ndarray, label: int | None = None):
 def datum_to_array(datum) -> np.ndarray:
     """A Datum's values as (C, H, W): uint8 from ``data``, float64 from ``float_data``
     (pycaffe's types; a writable copy)."""
-    from netengine.data import sources as datasets
-
-    values, _ = datasets.datum_to_array(datum)
+    values, _ = db.datum_to_array(datum)
     return values.copy() if values.dtype == np.uint8 else values.astype(np.float64)
 
 

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from netengine import backend
-from netengine.blob import Blob
+from netengine.blob import Blob, blob_from_proto, blob_to_proto, proto_shape_matches
 from netengine.errors import LayerError, NetEngineError
+from netengine.formats import snapshot, upgrade
 from netengine.formats.prototxt import SourceMap, read_text_proto
 from netengine.layers import Layer, create_layer
 from netengine.logging_glog import at, fmt
@@ -142,40 +143,6 @@ def replace_data_layers(layers: list, input_shapes: dict) -> list:
     return out
 
 
-def blob_from_proto(proto, dtype=np.float32) -> np.ndarray:
-    """The values of a BlobProto as a host array in its own shape (legacy 4-D or BlobShape)."""
-    if proto.HasField("shape"):
-        shape = tuple(proto.shape.dim)
-    elif any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
-        shape = (proto.num, proto.channels, proto.height, proto.width)
-    else:
-        shape = (len(proto.data) or len(proto.double_data),)
-    values = proto.double_data if len(proto.double_data) else proto.data
-    array = np.asarray(values, dtype=dtype)
-    if array.size != int(np.prod(shape)):
-        raise NetEngineError(f"blob has {array.size} values but its shape {shape} needs "
-                             f"{int(np.prod(shape))}")
-    return array.reshape(shape)
-
-
-def proto_shape_matches(blob: Blob, proto) -> bool:
-    """Caffe's ShapeEquals: legacy 4-D protos match the blob's shape right-aligned in 4 axes."""
-    if proto.HasField("shape") or not any(
-            proto.HasField(f) for f in ("num", "channels", "height", "width")):
-        return tuple(proto.shape.dim) == blob.shape
-    if blob.num_axes > 4:
-        return False
-    legacy = (1,) * (4 - blob.num_axes) + blob.shape
-    return legacy == (proto.num, proto.channels, proto.height, proto.width)
-
-
-def blob_to_proto(blob: Blob, write_diff: bool = False):
-    """The blob as a BlobProto, byte-compatible with Caffe's Blob::ToProto."""
-    from netengine.formats.snapshot import blob_proto
-
-    return blob_proto(blob.data, blob.shape, blob.diff if write_diff else None)
-
-
 # -- the Net ------------------------------------------------------------------------------------
 def _abs_mean(values) -> float:
     """Caffe's asum / count for debug_info lines."""
@@ -263,8 +230,6 @@ class Net:
 
     def _upgrade(self, param, source: SourceMap) -> tuple[caffe_pb2.NetParameter, list]:
         """Bring legacy nets (V0/V1 layers, net-level inputs) to the current format."""
-        from netengine.formats import upgrade
-
         lines = source.lines("layers") if len(param.layers) else source.lines("layer")
         try:
             param, lines = upgrade.upgrade_net(param, lines, source.file)
@@ -781,7 +746,8 @@ class Net:
 
     # -- weights ----------------------------------------------------------------------------------
     def copy_from(self, source) -> list[str]:
-        """Copy weights by layer name from a caffemodel (path or NetParameter).
+        """Copy weights by layer name from a caffemodel (path or NetParameter), binary or HDF5
+        (told apart by content, as Caffe's CopyTrainedLayersFrom).
 
         Accepts V1 files and legacy 4-D blob shapes; returns the names of the source layers
         that were ignored because this net has no layer of that name.
@@ -789,11 +755,11 @@ class Net:
         if isinstance(source, caffe_pb2.NetParameter):
             param, where = source, None
         else:
-            from netengine.formats import snapshot
-
             where = str(source)
-            if snapshot.is_hdf5(where):  # by content, as Caffe's CopyTrainedLayersFrom
-                return snapshot.load_weights_hdf5(self, where)
+            if not os.path.exists(where):
+                raise NetEngineError(f"weights file not found: {where}")
+            if snapshot.is_hdf5(where):
+                return self.load_hdf5(where)
             param = snapshot.read_weights(where)
         by_name = self.layer_dict
         ignored, copied = [], 0
@@ -842,25 +808,56 @@ class Net:
                 lp.blobs.append(blob_to_proto(blob, write_diff))
         return param
 
-    def save(self, path: str) -> None:
+    def _owns(self, layer_index: int, param_index: int) -> bool:
+        """False for a param shared from another layer (its owner carries the values)."""
+        net_id = self._param_layer_indices.index((layer_index, param_index))
+        return self.param_owners[net_id] == -1
+
+    def save(self, path: str, write_diff: bool = False) -> None:
         """Write the weights atomically: a binary caffemodel, or Caffe's HDF5 layout when
         ``path`` ends in ``.h5`` (needs h5py; pycaffe's ``save_hdf5``)."""
-        from netengine.formats import snapshot
-
         if str(path).endswith(".h5"):
-            snapshot.write_model_hdf5(self, path)
+            self.save_hdf5(path, write_diff)
         else:
-            snapshot.write_model(self, path)
+            snapshot.write_weights(path, self.to_proto(write_diff))
 
-    def save_hdf5(self, path: str) -> None:
-        from netengine.formats import snapshot
-
-        snapshot.write_model_hdf5(self, path)
+    def save_hdf5(self, path: str, write_diff: bool = False) -> None:
+        """Caffe's Net::ToHDF5: each layer's own params (not shared ones) under ``data``."""
+        data = [(layer.name, {j: blob.data for j, blob in enumerate(layer.blobs)
+                              if self._owns(i, j)}) for i, layer in enumerate(self.layers)]
+        diff = None
+        if write_diff:
+            diff = [(layer.name, {j: blob.diff for j, blob in enumerate(layer.blobs)})
+                    for layer in self.layers]
+        snapshot.write_weights_hdf5(path, data, diff)
 
     def load_hdf5(self, path: str) -> list[str]:
-        from netengine.formats import snapshot
-
-        return snapshot.load_weights_hdf5(self, path)
+        """Copy weights from a ``.caffemodel.h5`` (Caffe's CopyTrainedLayersFromHDF5); returns
+        the names of the file's layers this net does not have."""
+        layers = snapshot.read_weights_hdf5(path)
+        where = str(path)
+        for li, layer in enumerate(self.layers):
+            arrays = layers.get(layer.name)
+            if arrays is None or not layer.blobs:
+                continue
+            if len(arrays) > len(layer.blobs):
+                raise NetEngineError(f"incompatible number of blobs: the weights file has "
+                                     f"{len(arrays)}, the net expects {len(layer.blobs)}",
+                                     file=where, layer=layer.name, layer_type=layer.type)
+            for j, blob in enumerate(layer.blobs):
+                if j not in arrays:
+                    if not self._owns(li, j):
+                        continue
+                    raise NetEngineError(f"param {j} is missing from the weights file",
+                                         file=where, layer=layer.name, layer_type=layer.type)
+                if arrays[j].shape != blob.shape:
+                    raise NetEngineError(f"cannot copy param {j}: shape mismatch, the weights "
+                                         f"file has {arrays[j].shape}, the net expects "
+                                         f"{blob.shape}", file=where, layer=layer.name,
+                                         layer_type=layer.type)
+                blob.data[...] = backend.to_module(arrays[j], blob.xp)
+        self.ignored_layers = [name for name in layers if name not in self.layer_dict]
+        return self.ignored_layers
 
     def __repr__(self) -> str:
         phase = caffe_pb2.Phase.Name(self.phase)

@@ -1,8 +1,8 @@
 """NetSpec: write Caffe nets in Python and get a NetParameter (pycaffe's ``net_spec``).
 
-    from netengine import net_spec as netspec
-    L, P = netspec.layers, netspec.params
-    n = netspec.NetSpec()
+    from netengine import net_spec
+    L, P = net_spec.layers, net_spec.params
+    n = net_spec.NetSpec()
     n.data, n.label = L.Data(source="mnist_lmdb", batch_size=64, backend=P.Data.LMDB,
                              transform_param=dict(scale=1 / 256), ntop=2)
     n.conv1 = L.Convolution(n.data, kernel_size=5, num_output=20,
@@ -42,6 +42,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
 from netengine.errors import NetEngineError
+from netengine.formats.prototxt import write_atomic
 from netengine.proto import caffe_pb2
 
 TRAIN = caffe_pb2.TRAIN
@@ -288,7 +289,7 @@ class NetSpec:
 
     def __setattr__(self, name: str, value) -> None:
         if not isinstance(value, (Top, LayerSpec)):
-            raise NetSpecError(f"NetSpec.{name} must be a layer's top (from netspec.layers), "
+            raise NetSpecError(f"NetSpec.{name} must be a layer's top (from net_spec.layers), "
                                f"got {value!r}")
         self._assigned.append((name, value))
         self._tops[name] = value
@@ -322,8 +323,6 @@ class NetSpec:
 
     def save(self, path, name: str | None = None) -> None:
         """Write the net as prototxt (atomically)."""
-        from netengine.formats.prototxt import write_atomic
-
         write_atomic(path, self.to_prototxt(name))
 
     def __str__(self) -> str:

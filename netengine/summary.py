@@ -26,7 +26,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from netengine import fillers
 from netengine.errors import NetEngineError
+from netengine.net import Net
 from netengine.proto import caffe_pb2
 
 PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
@@ -78,9 +80,6 @@ def build(path, phase: int = caffe_pb2.TEST, input_shapes: dict | None = None,
           level: int = 0, stages=()):
     """Construct the net for its shapes (weights left at zero, not filled): the Net, or a
     NetEngineError."""
-    from netengine import fillers
-    from netengine.net import Net
-
     with fillers.skipped():
         return Net(path, phase, level=level, stages=tuple(stages), input_shapes=input_shapes)
 

@@ -35,7 +35,7 @@ from netengine import backend, testing
 from netengine.blob import Blob
 from netengine.errors import NetEngineError
 from netengine.layers import REGISTRY
-from netengine.ops import cuda_kernels as kernels
+from netengine.ops import cuda_kernels
 
 fcp = fake_cupy.cupy
 
@@ -359,8 +359,8 @@ CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 @functools.cache
 def _host_kernel(name: str, dtype: str, index_dtype: str | None, build_dir: str):
-    """kernels.py's CUDA source compiled with the host C++ compiler (NE_CPU: a plain loop)."""
-    source, func = kernels.kernel_source(name, dtype, index_dtype)
+    """cuda_kernels.py's CUDA source compiled with the host C++ compiler (NE_CPU: a plain loop)."""
+    source, func = cuda_kernels.kernel_source(name, dtype, index_dtype)
     src = Path(build_dir) / f"{func}.cpp"
     lib = src.with_suffix(".so")
     src.write_text("#define NE_CPU 1\n" + source)
@@ -414,7 +414,7 @@ def test_im2col_col2im_sources_match_convgemm(geometry, dtype, build_dir):
     x = rng.normal(size=shape).astype(dtype)
     want = gemm.im2col(x).copy()
     layout = "item_minor" if gemm.item_minor else "item_major"
-    (m1, m2), roles, strides = kernels._layout(layout, c * math.prod(kernel), n, math.prod(out))
+    (m1, m2), roles, strides = cuda_kernels._layout(layout, c * math.prod(kernel), n, math.prod(out))
     cols = np.empty_like(want)
     args = (n, c, h, w, *kernel, *stride, *pad, *out, *dilation)
     _call(_host_kernel("im2col", dtype, None, build_dir), x, cols, np.int64(cols.size), *args,

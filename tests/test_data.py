@@ -12,7 +12,10 @@ from conftest import serve
 
 from netengine import backend
 from netengine.blob import Blob
-from netengine.data import sources as datasets
+from netengine.data.db import array_to_datum, is_leveldb, lmdb_key, write_leveldb, write_lmdb
+from netengine.data.idx import read_idx, write_idx
+from netengine.data.images import decode_image
+from netengine.data.sources import resolve_source
 from netengine.errors import NetEngineError
 from netengine.proto import caffe_pb2
 from netengine.testing import TEST, TRAIN, make_layer
@@ -54,8 +57,8 @@ def data_layer(source: str, batch: int = 4, extra: str = "", transform: str = ""
 def tiny_idx(tmp_path):
     """10 records of 1x6x5 with labels 0..9, as IDX files."""
     images = np.random.default_rng(0).integers(0, 256, (10, 6, 5), dtype=np.uint8)
-    datasets.write_idx(tmp_path / "tiny-images-idx3-ubyte", images)
-    datasets.write_idx(tmp_path / "tiny-labels-idx1-ubyte", np.arange(10, dtype=np.uint8))
+    write_idx(tmp_path / "tiny-images-idx3-ubyte", images)
+    write_idx(tmp_path / "tiny-labels-idx1-ubyte", np.arange(10, dtype=np.uint8))
     return tmp_path / "tiny-images-idx3-ubyte", images
 
 
@@ -63,8 +66,8 @@ def tiny_idx(tmp_path):
 def test_data_reads_embedded_mnist(xp):
     layer, top = data_layer(TRAIN_IMAGES, batch=64, transform="scale: 0.00390625", xp=xp)
     assert top[0].shape == (64, 1, 28, 28) and top[1].shape == (64,)
-    images = datasets.read_idx(MNIST / "train-images-idx3-ubyte.gz")
-    labels = datasets.read_idx(MNIST / "train-labels-idx1-ubyte.gz")
+    images = read_idx(MNIST / "train-images-idx3-ubyte.gz")
+    labels = read_idx(MNIST / "train-labels-idx1-ubyte.gz")
     (d0, l0), (d1, l1) = serve(layer, top, 2)
     assert d0.dtype == np.float64
     np.testing.assert_array_equal(d0[:, 0], images[:64] * 0.00390625)
@@ -80,7 +83,7 @@ def test_data_test_phase_and_single_top():
     assert len(top) == 1 and top[0].shape == (100, 1, 28, 28)
     layer.forward([], top)
     np.testing.assert_array_equal(
-        top[0].data[:, 0], datasets.read_idx(MNIST / "t10k-images-idx3-ubyte.gz")[:100])
+        top[0].data[:, 0], read_idx(MNIST / "t10k-images-idx3-ubyte.gz")[:100])
     layer.close()
 
 
@@ -242,10 +245,10 @@ def test_data_reads_lmdb_written_by_convert_mnist(tmp_path):
 
 @needs_lmdb
 def test_data_error_in_prefetch_thread_reaches_forward(tmp_path):
-    good = datasets.array_to_datum(np.zeros((1, 2, 2), np.uint8), 1).SerializeToString()
-    items = [(datasets.lmdb_key(i), good if i != 3 else b"\x08\x01\x10\x02\x18\x02")
+    good = array_to_datum(np.zeros((1, 2, 2), np.uint8), 1).SerializeToString()
+    items = [(lmdb_key(i), good if i != 3 else b"\x08\x01\x10\x02\x18\x02")
              for i in range(4)]
-    datasets.write_lmdb(tmp_path / "db", items)
+    write_lmdb(tmp_path / "db", items)
     layer, top = data_layer(str(tmp_path / "db"), batch=2, extra="backend: LMDB prefetch: 2")
     layer.forward([], top)
     with pytest.raises(NetEngineError) as info:
@@ -272,9 +275,9 @@ def test_data_decodes_encoded_records(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, size=(3, 4, 5, 3)).astype(np.uint8)
     gray = rgb[..., 0]
     for name, images in (("rgb", rgb), ("gray", gray)):
-        items = [(datasets.lmdb_key(i), caffe_pb2.Datum(encoded=True, data=_png(im), label=i)
+        items = [(lmdb_key(i), caffe_pb2.Datum(encoded=True, data=_png(im), label=i)
                   .SerializeToString()) for i, im in enumerate(images)]
-        datasets.write_lmdb(tmp_path / name, items)
+        write_lmdb(tmp_path / name, items)
     layer, top = data_layer(str(tmp_path / "rgb"), batch=3, extra="backend: LMDB prefetch: 0",
                             phase=TEST)
     layer.forward([], top)
@@ -300,9 +303,9 @@ def test_data_crops_records_of_different_sizes(tmp_path):
     rng = np.random.default_rng(1)
     records = [rng.integers(0, 256, size=shape).astype(np.uint8)
                for shape in [(1, 6, 5), (1, 4, 4), (1, 5, 7)]]
-    items = [(datasets.lmdb_key(i), datasets.array_to_datum(r, i).SerializeToString())
+    items = [(lmdb_key(i), array_to_datum(r, i).SerializeToString())
              for i, r in enumerate(records)]
-    datasets.write_lmdb(tmp_path / "db", items)
+    write_lmdb(tmp_path / "db", items)
     source = str(tmp_path / "db")
     layer, top = data_layer(source, batch=3, transform="crop_size: 3 scale: 0.5",
                             extra="backend: LMDB prefetch: 0", phase=TEST)
@@ -340,13 +343,13 @@ def test_decode_image_turns_exif_orientation_and_keeps_16_bit_high_bytes(tmp_pat
     exif = image_module.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to view
     image_module.fromarray(pixels).save(out, format="PNG", exif=exif)
-    turned = datasets.decode_image(out.getvalue())
+    turned = decode_image(out.getvalue())
     assert turned.shape == (3, 3, 2) and turned[2, 0, 1] == 255  # red, now top-right, in BGR
     deep = (np.arange(4, dtype=np.uint16) * 2048 + 100).reshape(1, 4)
-    decoded = datasets.decode_image(_png(deep), is_color=False)
+    decoded = decode_image(_png(deep), is_color=False)
     np.testing.assert_array_equal(decoded[0, 0], [0, 8, 16, 24])
     with pytest.raises(NetEngineError, match="cannot decode image x: not an image format"):
-        datasets.decode_image(b"not an image", name="x")
+        decode_image(b"not an image", name="x")
 
 
 # -- Data errors ----------------------------------------------------------------------------------
@@ -364,11 +367,11 @@ needs_plyvel = pytest.mark.skipif(not _have("plyvel"), reason="plyvel is not ins
 @needs_plyvel
 def test_data_reads_leveldb_caffes_default_backend(tmp_path):
     images = np.random.default_rng(2).integers(0, 256, size=(5, 1, 3, 4)).astype(np.uint8)
-    items = [(datasets.lmdb_key(i), datasets.array_to_datum(im, 10 + i).SerializeToString())
+    items = [(lmdb_key(i), array_to_datum(im, 10 + i).SerializeToString())
              for i, im in enumerate(images)]
     db = tmp_path / "train_leveldb"
-    assert datasets.write_leveldb(db, items) == 5
-    assert datasets.is_leveldb(db)
+    assert write_leveldb(db, items) == 5
+    assert is_leveldb(db)
     for extra in ("backend: LEVELDB prefetch: 0", "prefetch: 0"):  # LEVELDB is the default
         layer, top = data_layer(str(db), batch=3, extra=extra, phase=TEST)
         layer.forward([], top)
@@ -378,7 +381,7 @@ def test_data_reads_leveldb_caffes_default_backend(tmp_path):
         np.testing.assert_array_equal(top[1].data, [13, 14, 10])
         layer.close()
     with pytest.raises(NetEngineError, match="already holds a LevelDB"):
-        datasets.write_leveldb(db, items)
+        write_leveldb(db, items)
 
 
 def test_leveldb_errors(tmp_path, monkeypatch):
@@ -461,7 +464,7 @@ def test_mnist_train_test_net_data_sections():
         [(TRAIN, 64), (TEST, 100)]
     assert all(d.transform_param.scale == np.float32(0.00390625) for d in data)
     for d in data:
-        assert datasets.resolve_source(REPO / d.data_param.source) is not None
+        assert resolve_source(REPO / d.data_param.source) is not None
     solver, _ = read_text_proto(REPO / "nets" / "mnist_solver.prototxt",
                                 caffe_pb2.SolverParameter())
     assert solver.test_iter[0] * data[1].data_param.batch_size == 2000

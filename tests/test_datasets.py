@@ -11,7 +11,23 @@ import numpy as np
 import pytest
 
 from netengine.cli import convert_mnist, get_mnist
-from netengine.data import sources as datasets
+from netengine.data import sources
+from netengine.data.db import (
+    LevelDBSource,
+    LMDBSource,
+    array_to_datum,
+    datum_to_array,
+    decode_datum,
+    import_lmdb,
+    is_leveldb,
+    is_lmdb,
+    lmdb_key,
+    read_lmdb_items,
+    write_lmdb,
+)
+from netengine.data.idx import IDXSource, idx_labels_path, is_idx_images, read_idx, write_idx
+from netengine.data.sources import REPO_ROOT, add_search_dir, resolve_source, search_description
+from netengine.data.transform import Transformer, read_mean_file
 from netengine.errors import NetEngineError
 from netengine.proto import caffe_pb2
 
@@ -34,16 +50,16 @@ needs_lmdb = pytest.mark.skipif(not _have("lmdb"), reason="the lmdb package is n
 def test_idx_round_trip(tmp_path, dtype, name):
     array = (np.arange(2 * 3 * 5) * 7 - 40).astype(dtype).reshape(2, 3, 5)
     path = tmp_path / name
-    datasets.write_idx(path, array)
+    write_idx(path, array)
     assert (path.read_bytes()[:2] == b"\x1f\x8b") == name.endswith(".gz")
-    back = datasets.read_idx(path)
+    back = read_idx(path)
     assert back.dtype == np.dtype(dtype) and back.shape == array.shape
     np.testing.assert_array_equal(back, array)
 
 
 def test_idx_header_is_mnist_layout(tmp_path):
-    datasets.write_idx(tmp_path / "a", np.zeros((4, 28, 28), np.uint8))
-    datasets.write_idx(tmp_path / "b", np.zeros(4, np.uint8))
+    write_idx(tmp_path / "a", np.zeros((4, 28, 28), np.uint8))
+    write_idx(tmp_path / "b", np.zeros(4, np.uint8))
     assert int.from_bytes((tmp_path / "a").read_bytes()[:4], "big") == 2051
     assert int.from_bytes((tmp_path / "b").read_bytes()[:4], "big") == 2049
     assert (tmp_path / "a").stat().st_size == 16 + 4 * 784
@@ -51,9 +67,9 @@ def test_idx_header_is_mnist_layout(tmp_path):
 
 def test_idx_gzip_is_detected_by_content_and_reproducible(tmp_path):
     array = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    datasets.write_idx(tmp_path / "plain-name", array, compress=True)
-    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "plain-name"), array)
-    datasets.write_idx(tmp_path / "again", array, compress=True)
+    write_idx(tmp_path / "plain-name", array, compress=True)
+    np.testing.assert_array_equal(read_idx(tmp_path / "plain-name"), array)
+    write_idx(tmp_path / "again", array, compress=True)
     assert (tmp_path / "plain-name").read_bytes() == (tmp_path / "again").read_bytes()
 
 
@@ -66,15 +82,15 @@ def test_idx_gzip_is_detected_by_content_and_reproducible(tmp_path):
 def test_idx_errors(tmp_path, data, expected):
     (tmp_path / "bad").write_bytes(data)
     with pytest.raises(NetEngineError, match=expected) as info:
-        datasets.read_idx(tmp_path / "bad")
+        read_idx(tmp_path / "bad")
     assert str(tmp_path / "bad") in str(info.value)
     with pytest.raises(NetEngineError, match="file not found"):
-        datasets.read_idx(tmp_path / "absent")
+        read_idx(tmp_path / "absent")
     (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + b"junk")
     with pytest.raises(NetEngineError, match="corrupt gzip"):
-        datasets.read_idx(tmp_path / "bad.gz")
+        read_idx(tmp_path / "bad.gz")
     with pytest.raises(NetEngineError, match="cannot hold"):
-        datasets.write_idx(tmp_path / "u16", np.zeros(3, np.uint16))
+        write_idx(tmp_path / "u16", np.zeros(3, np.uint16))
 
 
 def test_labels_path_and_source_resolution(tmp_path, monkeypatch):
@@ -82,40 +98,41 @@ def test_labels_path_and_source_resolution(tmp_path, monkeypatch):
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"")
     (tmp_path / "images-idx3-ubyte").write_bytes(b"")
     (tmp_path / "labels-idx1-ubyte.gz").write_bytes(b"")
-    assert datasets.is_idx_images("a/train-images-idx3-ubyte.gz")
-    assert not datasets.is_idx_images("a/train-labels-idx1-ubyte")
-    assert datasets.idx_labels_path(tmp_path / "train-images-idx3-ubyte.gz") == \
+    assert is_idx_images("a/train-images-idx3-ubyte.gz")
+    assert not is_idx_images("a/train-labels-idx1-ubyte")
+    assert idx_labels_path(tmp_path / "train-images-idx3-ubyte.gz") == \
         tmp_path / "train-labels-idx1-ubyte"
-    assert datasets.idx_labels_path(tmp_path / "images-idx3-ubyte") == \
+    assert idx_labels_path(tmp_path / "images-idx3-ubyte") == \
         tmp_path / "labels-idx1-ubyte.gz"
-    assert datasets.idx_labels_path(tmp_path / "none-idx3-ubyte") is None
+    assert idx_labels_path(tmp_path / "none-idx3-ubyte") is None
     monkeypatch.chdir(tmp_path)
     # current folder first; X finds X.gz and X.gz finds X
-    assert datasets.resolve_source("train-images-idx3-ubyte") == \
+    assert resolve_source("train-images-idx3-ubyte") == \
         tmp_path / "train-images-idx3-ubyte.gz"
-    assert datasets.resolve_source("train-labels-idx1-ubyte.gz") == \
+    assert resolve_source("train-labels-idx1-ubyte.gz") == \
         tmp_path / "train-labels-idx1-ubyte"
-    assert datasets.resolve_source("train-labels-idx1-ubyte.gz", gz=False) is None
+    assert resolve_source("train-labels-idx1-ubyte.gz", gz=False) is None
     # then extra folders, then SEARCH_DIRS (the repository root)
     other = tmp_path / "other"
     other.mkdir()
     (other / "only-here").write_bytes(b"")
     monkeypatch.chdir(REPO)
-    assert datasets.resolve_source("only-here", [other]) == other / "only-here"
+    assert resolve_source("only-here", [other]) == other / "only-here"
     monkeypatch.chdir(tmp_path)
-    assert datasets.resolve_source("data/mnist/t10k-images-idx3-ubyte") == \
+    assert resolve_source("data/mnist/t10k-images-idx3-ubyte") == \
         MNIST / "t10k-images-idx3-ubyte.gz"
-    monkeypatch.setattr(datasets, "SEARCH_DIRS", list(datasets.SEARCH_DIRS))
-    datasets.add_search_dir(other)
-    assert datasets.SEARCH_DIRS[-1] == datasets.REPO_ROOT
-    assert datasets.resolve_source("only-here") == other / "only-here"
-    assert "looked in" in datasets.search_description("nowhere")
+    monkeypatch.setattr(sources, "SEARCH_DIRS", list(sources.SEARCH_DIRS))
+    add_search_dir(other)
+    assert sources.SEARCH_DIRS[-1] == REPO_ROOT
+    assert sources.SEARCH_DIRS[-2] == other.resolve()
+    assert resolve_source("only-here") == other / "only-here"
+    assert "looked in" in search_description("nowhere")
 
 
 # -- the embedded split -----------------------------------------------------------------------------
 def test_embedded_mnist_split():
-    train = datasets.IDXSource(MNIST / "train-images-idx3-ubyte.gz")
-    test = datasets.IDXSource(MNIST / "t10k-images-idx3-ubyte.gz")
+    train = IDXSource(MNIST / "train-images-idx3-ubyte.gz")
+    test = IDXSource(MNIST / "t10k-images-idx3-ubyte.gz")
     assert (len(train), len(test)) == (8000, 2000)
     assert train.shape == test.shape == (1, 28, 28)
     assert train.images.dtype == np.uint8 and train.images.max() == 255
@@ -132,75 +149,75 @@ def test_embedded_split_reproduces_from_source():
     from conftest import need_shared
 
     source = need_shared("data", "mnist-npm10k")
-    images = datasets.read_idx(source / "images-idx3-ubyte.gz")
-    labels = datasets.read_idx(source / "labels-idx1-ubyte.gz")
+    images = read_idx(source / "images-idx3-ubyte.gz")
+    labels = read_idx(source / "labels-idx1-ubyte.gz")
     order = np.random.default_rng(1701).permutation(10000)
-    np.testing.assert_array_equal(datasets.read_idx(MNIST / "train-images-idx3-ubyte.gz"),
+    np.testing.assert_array_equal(read_idx(MNIST / "train-images-idx3-ubyte.gz"),
                                   images[order[:8000]])
-    np.testing.assert_array_equal(datasets.read_idx(MNIST / "t10k-labels-idx1-ubyte.gz"),
+    np.testing.assert_array_equal(read_idx(MNIST / "t10k-labels-idx1-ubyte.gz"),
                                   labels[order[8000:]])
 
 
 # -- Datum ------------------------------------------------------------------------------------------
 def test_datum_round_trip():
     image = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    datum = datasets.array_to_datum(image, 7)
+    datum = array_to_datum(image, 7)
     assert (datum.channels, datum.height, datum.width, datum.label) == (2, 3, 4, 7)
     assert datum.data == image.tobytes() and not datum.float_data
-    back, label = datasets.decode_datum(datum.SerializeToString())
+    back, label = decode_datum(datum.SerializeToString())
     np.testing.assert_array_equal(back, image)
     assert label == 7
-    floats = datasets.array_to_datum(np.full((5, 6), 0.25), 3)
-    back, label = datasets.datum_to_array(floats)
+    floats = array_to_datum(np.full((5, 6), 0.25), 3)
+    back, label = datum_to_array(floats)
     assert back.shape == (1, 5, 6) and back.dtype == np.float32 and np.all(back == 0.25)
 
 
 def test_datum_errors():
     with pytest.raises(NetEngineError, match="encoded"):
-        datasets.datum_to_array(caffe_pb2.Datum(channels=1, height=1, width=1, data=b"x",
+        datum_to_array(caffe_pb2.Datum(channels=1, height=1, width=1, data=b"x",
                                                 encoded=True))
     with pytest.raises(NetEngineError, match="holds 2 bytes, expected 4"):
-        datasets.datum_to_array(caffe_pb2.Datum(channels=1, height=2, width=2, data=b"xy"))
+        datum_to_array(caffe_pb2.Datum(channels=1, height=2, width=2, data=b"xy"))
     with pytest.raises(NetEngineError, match="not a serialized Datum"):
-        datasets.decode_datum(b"\xff\xff\xff")
+        decode_datum(b"\xff\xff\xff")
     with pytest.raises(NetEngineError, match=r"\(C, H, W\)"):
-        datasets.array_to_datum(np.zeros((1, 1, 1, 1), np.uint8))
+        array_to_datum(np.zeros((1, 1, 1, 1), np.uint8))
 
 
 # -- LMDB -------------------------------------------------------------------------------------------
 @needs_lmdb
 def test_lmdb_round_trip(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 1, 4, 3), dtype=np.uint8)
-    items = [(datasets.lmdb_key(i), datasets.array_to_datum(img, i % 3).SerializeToString())
+    items = [(lmdb_key(i), array_to_datum(img, i % 3).SerializeToString())
              for i, img in enumerate(images)]
-    assert datasets.write_lmdb(tmp_path / "db", items, commit_every=2) == 5
-    assert datasets.is_lmdb(tmp_path / "db") and not datasets.is_leveldb(tmp_path / "db")
-    stored = datasets.read_lmdb_items(tmp_path / "db")
+    assert write_lmdb(tmp_path / "db", items, commit_every=2) == 5
+    assert is_lmdb(tmp_path / "db") and not is_leveldb(tmp_path / "db")
+    stored = read_lmdb_items(tmp_path / "db")
     assert [k for k, _ in stored] == [b"00000000", b"00000001", b"00000002", b"00000003",
                                       b"00000004"]
-    source = datasets.LMDBSource(tmp_path / "db")
+    source = LMDBSource(tmp_path / "db")
     assert len(source) == 5 and source.shape == (1, 4, 3)
     got, labels = source.read(np.array([4, 0, 2]))
     np.testing.assert_array_equal(got, images[[4, 0, 2]])
     np.testing.assert_array_equal(labels, [1, 0, 2])
     source.close()
     with pytest.raises(NetEngineError, match="already holds an LMDB"):
-        datasets.write_lmdb(tmp_path / "db", items)
+        write_lmdb(tmp_path / "db", items)
 
 
 @needs_lmdb
 def test_lmdb_map_grows(tmp_path):
     value = b"\1" * 5000
-    count = datasets.write_lmdb(tmp_path / "db", ((b"%08d" % i, value) for i in range(100)),
+    count = write_lmdb(tmp_path / "db", ((b"%08d" % i, value) for i in range(100)),
                                 commit_every=30, map_size=1 << 16)
-    stored = datasets.read_lmdb_items(tmp_path / "db")
+    stored = read_lmdb_items(tmp_path / "db")
     assert count == 100 and len(stored) == 100 and all(v == value for _, v in stored)
 
 
 def test_lmdb_missing_package_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "lmdb", None)
     with pytest.raises(NetEngineError, match=r"pip install 'netengine\[lmdb\]'"):
-        datasets.import_lmdb()
+        import_lmdb()
 
 
 # -- Transformer ------------------------------------------------------------------------------------
@@ -215,35 +232,35 @@ BATCH = np.random.default_rng(3).integers(0, 256, (4, 3, 6, 5)).astype(np.uint8)
 
 def test_transform_scale_and_mean_value():
     rng = np.random.default_rng(0)
-    out = datasets.Transformer(_param("scale: 0.5 mean_value: 1 mean_value: 2 mean_value: 3"),
+    out = Transformer(_param("scale: 0.5 mean_value: 1 mean_value: 2 mean_value: 3"),
                                caffe_pb2.TRAIN).apply(BATCH, rng, np.float64)
     expected = (BATCH.astype(np.float64) - np.array([1, 2, 3])[:, None, None]) * 0.5
     np.testing.assert_array_equal(out, expected)
-    one = datasets.Transformer(_param("mean_value: 10"), caffe_pb2.TEST).apply(BATCH, rng)
+    one = Transformer(_param("mean_value: 10"), caffe_pb2.TEST).apply(BATCH, rng)
     assert one.dtype == np.float32
     np.testing.assert_array_equal(one, BATCH.astype(np.float32) - 10)
-    mnist = datasets.Transformer(_param("scale: 0.00390625"), caffe_pb2.TEST).apply(
+    mnist = Transformer(_param("scale: 0.00390625"), caffe_pb2.TEST).apply(
         np.array([[[[255, 0]]]], np.uint8), rng)
     np.testing.assert_array_equal(mnist, [[[[0.99609375, 0.0]]]])
 
 
 def test_transform_mean_file_is_taken_at_the_source_pixel():
     mean = np.random.default_rng(1).random((3, 6, 5)).astype(np.float32)
-    t = datasets.Transformer(_param("crop_size: 3 scale: 2"), caffe_pb2.TEST, mean)
+    t = Transformer(_param("crop_size: 3 scale: 2"), caffe_pb2.TEST, mean)
     out = t.apply(BATCH, np.random.default_rng(0), np.float64)
     full = (BATCH.astype(np.float64) - mean.astype(np.float64)) * 2
     np.testing.assert_allclose(out, full[:, :, 1:4, 1:4])
 
 
 def test_transform_test_crop_is_centred():
-    t = datasets.Transformer(_param("crop_size: 4"), caffe_pb2.TEST)
+    t = Transformer(_param("crop_size: 4"), caffe_pb2.TEST)
     assert t.output_shape((3, 6, 5)) == (3, 4, 4)
     out = t.apply(BATCH, np.random.default_rng(0))
     np.testing.assert_array_equal(out, BATCH[:, :, 1:5, 0:4])  # offsets (6-4)//2, (5-4)//2
 
 
 def test_transform_train_crop_is_random_within_bounds():
-    t = datasets.Transformer(_param("crop_size: 3"), caffe_pb2.TRAIN)
+    t = Transformer(_param("crop_size: 3"), caffe_pb2.TRAIN)
     batch = np.repeat(BATCH[:1], 64, axis=0)
     out = t.apply(batch, np.random.default_rng(5))
     offsets = set()
@@ -257,7 +274,7 @@ def test_transform_train_crop_is_random_within_bounds():
 
 def test_transform_mirror_is_a_coin_flip_in_both_phases():
     for phase in (caffe_pb2.TRAIN, caffe_pb2.TEST):
-        t = datasets.Transformer(_param("mirror: true"), phase)
+        t = Transformer(_param("mirror: true"), phase)
         batch = np.repeat(BATCH[:1], 32, axis=0)
         out = t.apply(batch, np.random.default_rng(2))
         flipped = [np.array_equal(o, batch[0, :, :, ::-1]) for o in out]
@@ -265,14 +282,14 @@ def test_transform_mirror_is_a_coin_flip_in_both_phases():
         assert all(f or k for f, k in zip(flipped, kept))
         assert 0 < sum(flipped) < 32
     # mirror with TEST centre crop: the crop is flipped
-    t = datasets.Transformer(_param("mirror: true crop_size: 4"), caffe_pb2.TEST)
+    t = Transformer(_param("mirror: true crop_size: 4"), caffe_pb2.TEST)
     out = t.apply(BATCH, np.random.default_rng(0))
     for o, b in zip(out, BATCH):
         assert np.array_equal(o, b[:, 1:5, 0:4]) or np.array_equal(o, b[:, 1:5, 0:4][:, :, ::-1])
 
 
 def test_transform_is_repeatable_per_generator_seed():
-    t = datasets.Transformer(_param("mirror: true crop_size: 3"), caffe_pb2.TRAIN)
+    t = Transformer(_param("mirror: true crop_size: 3"), caffe_pb2.TRAIN)
     a = t.apply(BATCH, np.random.default_rng([1, 2]))
     b = t.apply(BATCH, np.random.default_rng([1, 2]))
     np.testing.assert_array_equal(a, b)
@@ -280,14 +297,14 @@ def test_transform_is_repeatable_per_generator_seed():
 
 def test_transform_errors():
     with pytest.raises(NetEngineError, match="mean_file or mean_value, not both"):
-        datasets.Transformer(_param('mean_file: "m" mean_value: 1'), caffe_pb2.TRAIN)
+        Transformer(_param('mean_file: "m" mean_value: 1'), caffe_pb2.TRAIN)
     with pytest.raises(NetEngineError, match="1 mean_value or one per channel"):
-        datasets.Transformer(_param("mean_value: 1 mean_value: 2"),
+        Transformer(_param("mean_value: 1 mean_value: 2"),
                              caffe_pb2.TRAIN).output_shape((3, 4, 4))
     with pytest.raises(NetEngineError, match="crop_size 5 exceeds"):
-        datasets.Transformer(_param("crop_size: 5"), caffe_pb2.TRAIN).output_shape((1, 4, 6))
+        Transformer(_param("crop_size: 5"), caffe_pb2.TRAIN).output_shape((1, 4, 6))
     with pytest.raises(NetEngineError, match="the mean file has shape"):
-        datasets.Transformer(_param(""), caffe_pb2.TRAIN,
+        Transformer(_param(""), caffe_pb2.TRAIN,
                              np.zeros((1, 2, 2))).output_shape((1, 3, 3))
 
 
@@ -297,14 +314,14 @@ def test_read_mean_file(tmp_path):
     proto = caffe_pb2.BlobProto(num=1, channels=2, height=1, width=3)
     proto.data.extend([1, 2, 3, 4, 5, 6])
     write_binary_proto(tmp_path / "mean.binaryproto", proto)
-    mean = datasets.read_mean_file(tmp_path / "mean.binaryproto")
+    mean = read_mean_file(tmp_path / "mean.binaryproto")
     np.testing.assert_array_equal(mean, [[[1, 2, 3]], [[4, 5, 6]]])
     bad = caffe_pb2.BlobProto()
     bad.shape.dim.extend([2, 1, 1, 1])
     bad.data.extend([1, 2])
     write_binary_proto(tmp_path / "bad.binaryproto", bad)
     with pytest.raises(NetEngineError, match="one \\(1, C, H, W\\) image"):
-        datasets.read_mean_file(tmp_path / "bad.binaryproto")
+        read_mean_file(tmp_path / "bad.binaryproto")
 
 
 # -- tools/convert_mnist ----------------------------------------------------------------------------
@@ -312,8 +329,8 @@ def _small_mnist(folder: Path, n: int = 6) -> tuple[Path, Path, np.ndarray, np.n
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.uint8)
-    datasets.write_idx(folder / "s-images-idx3-ubyte", images)
-    datasets.write_idx(folder / "s-labels-idx1-ubyte.gz", labels)
+    write_idx(folder / "s-images-idx3-ubyte", images)
+    write_idx(folder / "s-labels-idx1-ubyte.gz", labels)
     return folder / "s-images-idx3-ubyte", folder / "s-labels-idx1-ubyte.gz", images, labels
 
 
@@ -323,7 +340,7 @@ def test_convert_mnist_writes_caffes_layout(tmp_path, capsys):
     db = tmp_path / "examples" / "mnist" / "mnist_train_lmdb"
     assert convert_mnist.main([str(img), str(lab), str(db), "--backend", "lmdb"]) == 0
     assert "A total of 6 items." in capsys.readouterr().out
-    stored = datasets.read_lmdb_items(db)
+    stored = read_lmdb_items(db)
     assert [k for k, _ in stored] == [b"%08d" % i for i in range(6)]
     for i, (_, value) in enumerate(stored):
         datum = caffe_pb2.Datum.FromString(value)
@@ -340,7 +357,7 @@ def test_convert_mnist_to_leveldb(tmp_path, capsys):
     db = tmp_path / "mnist_leveldb"
     assert convert_mnist.main([str(img), str(lab), str(db), "--backend", "leveldb"]) == 0
     assert "(LevelDB, keys %08d" in capsys.readouterr().out
-    source = datasets.LevelDBSource(db)
+    source = LevelDBSource(db)
     data, got = source.read(np.arange(len(labels)))
     np.testing.assert_array_equal(data[:, 0], images)
     np.testing.assert_array_equal(got, labels)
@@ -355,7 +372,7 @@ def test_convert_mnist_errors(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "need the plyvel package" in err and err.count("\n") == 1
     monkeypatch.undo()
-    datasets.write_idx(tmp_path / "few-labels-idx1-ubyte", np.zeros(2, np.uint8))
+    write_idx(tmp_path / "few-labels-idx1-ubyte", np.zeros(2, np.uint8))
     assert convert_mnist.main([str(img), str(tmp_path / "few-labels-idx1-ubyte"),
                                str(tmp_path / "db2")]) == 1
     assert "holds 6 images but" in capsys.readouterr().err

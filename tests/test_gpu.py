@@ -28,7 +28,7 @@ import netengine
 from netengine import backend, testing
 from netengine.blob import Blob
 from netengine.errors import NetEngineError
-from netengine.ops import cuda_kernels as kernels
+from netengine.ops import cuda_kernels
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not HAVE_GPU, reason="CuPy with a usable GPU is not available")]
@@ -152,12 +152,12 @@ def test_column_kernels_match_convgemm(geometry, item_minor, cp):
     want = gemm.im2col(x).copy()
     cols = cp.empty_like(want)
     layout = "item_minor" if item_minor else "item_major"
-    kernels.im2col_2d(x, cols, kernel, stride, pad, dilation, out, layout=layout)
+    cuda_kernels.im2col_2d(x, cols, kernel, stride, pad, dilation, out, layout=layout)
     cp.testing.assert_array_equal(cols, want)
     grad = cp.asarray(np.random.default_rng(1).normal(size=want.shape).astype(np.float32))
     want_dx, dx = cp.empty(shape, cp.float32), cp.empty(shape, cp.float32)
     gemm.col2im(grad, want_dx)
-    kernels.col2im_2d(grad, dx, kernel, stride, pad, dilation, out, layout=layout)
+    cuda_kernels.col2im_2d(grad, dx, kernel, stride, pad, dilation, out, layout=layout)
     cp.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
 
 
@@ -177,21 +177,21 @@ def test_pooling_kernels_match_pool_ops(geometry, cp):
     want_y, want_c = cp.empty(y_shape, cp.float32), cp.empty(y_shape, index)
     pool.max_forward(x, want_y, want_c)
     y, choice = cp.empty(y_shape, cp.float32), cp.empty(y_shape, index)
-    kernels.max_pool_2d(x, y, choice, kernel, stride, pad, base=1)
+    cuda_kernels.max_pool_2d(x, y, choice, kernel, stride, pad, base=1)
     cp.testing.assert_array_equal(y, want_y)
     cp.testing.assert_array_equal(choice, want_c)
     dy = cp.asarray(np.random.default_rng(3).normal(size=y_shape).astype(np.float32))
     want_dx, dx = cp.empty(shape, cp.float32), cp.empty(shape, cp.float32)
     pool.route_backward(dy, want_c, want_dx)
-    kernels.pool_route_backward_2d(dy, choice, dx, kernel, stride, pad, base=1)
+    cuda_kernels.pool_route_backward_2d(dy, choice, dx, kernel, stride, pad, base=1)
     cp.testing.assert_array_equal(dx, want_dx)
     inv = cp.asarray(1.0 / pool.ave_divisor(), dtype=cp.float32)
     pool.window_sums(x, want_y)
     want_y *= inv
-    kernels.ave_pool_2d(x, y, kernel, stride, pad)
+    cuda_kernels.ave_pool_2d(x, y, kernel, stride, pad)
     cp.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
     pool.spread_backward(dy * inv, want_dx)
-    kernels.ave_pool_backward_2d(dy, dx, kernel, stride, pad)
+    cuda_kernels.ave_pool_backward_2d(dy, dx, kernel, stride, pad)
     cp.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-6)
 
 
@@ -199,14 +199,14 @@ def test_sgd_update_kernel(cp):
     rng = np.random.default_rng(4)
     w, g, h = (rng.normal(size=1000).astype(np.float32) for _ in range(3))
     dw, dg, dh = cp.asarray(w), cp.asarray(g), cp.asarray(h)
-    kernels.sgd_update(dw, dg, dh, local_rate=0.01, momentum=0.9, decay=5e-4)
+    cuda_kernels.sgd_update(dw, dg, dh, local_rate=0.01, momentum=0.9, decay=5e-4)
     want_h = np.float32(0.01) * (g + np.float32(5e-4) * w) + np.float32(0.9) * h
     np.testing.assert_allclose(dh.get(), want_h, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(dg.get(), dh.get())
 
 
 def test_cudnn_convolution_matches_generic(cp):
-    if kernels.cudnn_version() is None:
+    if cuda_kernels.cudnn_version() is None:
         pytest.skip("this CuPy has no cuDNN support (CuPy 14 removed it): im2col + cuBLAS only")
     netengine.set_mode_gpu()
     rng = np.random.default_rng(5)
@@ -225,13 +225,13 @@ def test_cudnn_convolution_matches_generic(cp):
     layer.backward(top, [True], bottom)
     w, b = layer.blobs[0].data, layer.blobs[1].data
     args = dict(stride=(2, 2), pad=(1, 1), dilation=(1, 1), group=2)
-    assert kernels.cudnn_conv_supported(cp, x, w, **{k: v for k, v in args.items()
+    assert cuda_kernels.cudnn_conv_supported(cp, x, w, **{k: v for k, v in args.items()
                                                       if k != "group"}, group=2)
     y = cp.empty_like(top[0].data)
-    kernels.cudnn_conv_forward(x, w, b, y, **args)
+    cuda_kernels.cudnn_conv_forward(x, w, b, y, **args)
     cp.testing.assert_allclose(y, top[0].data, rtol=1e-4, atol=1e-4)
     dx, dw, db = cp.empty_like(x), cp.zeros_like(w), cp.zeros_like(b)
-    kernels.cudnn_conv_backward(x, w, dy, dx=dx, dw=dw, db=db, **args)
+    cuda_kernels.cudnn_conv_backward(x, w, dy, dx=dx, dw=dw, db=db, **args)
     cp.testing.assert_allclose(dx, bottom[0].diff, rtol=1e-4, atol=1e-4)
     cp.testing.assert_allclose(dw, layer.blobs[0].diff, rtol=1e-4, atol=1e-3)
     cp.testing.assert_allclose(db, layer.blobs[1].diff, rtol=1e-4, atol=1e-3)

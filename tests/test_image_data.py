@@ -9,7 +9,7 @@ from conftest import serve
 
 from netengine import backend
 from netengine.blob import Blob
-from netengine.data import sources as datasets
+from netengine.data.images import decode_image, read_image, resize_image
 from netengine.errors import NetEngineError
 from netengine.testing import TEST, TRAIN, make_layer
 
@@ -67,35 +67,35 @@ def test_decode_image_bgr_and_gray(tmp_path):
     rgb[0, 0] = (255, 0, 0)  # red
     rgb[1, 2] = (10, 200, 30)
     save_rgb(tmp_path / "a.png", rgb)
-    bgr = datasets.decode_image(tmp_path / "a.png")
+    bgr = decode_image(tmp_path / "a.png")
     assert bgr.shape == (3, 2, 3) and bgr.dtype == np.uint8
     np.testing.assert_array_equal(bgr[:, 0, 0], (0, 0, 255))
     np.testing.assert_array_equal(bgr[:, 1, 2], (30, 200, 10))
-    gray = datasets.decode_image(tmp_path / "a.png", is_color=False)
+    gray = decode_image(tmp_path / "a.png", is_color=False)
     assert gray.shape == (1, 2, 3)
     luma = rgb.astype(float) @ [0.299, 0.587, 0.114]
     assert np.abs(gray[0] - luma).max() <= 1
     # a gray JPEG loads as 3 equal channels with is_color
     Image.fromarray(np.full((4, 4), 77, np.uint8)).save(tmp_path / "g.jpg", quality=100)
-    color = datasets.decode_image(tmp_path / "g.jpg")
+    color = decode_image(tmp_path / "g.jpg")
     assert color.shape == (3, 4, 4) and np.all(np.abs(color.astype(int) - 77) <= 1)
 
 
 def test_resize_is_opencv_inter_linear():
     row = np.array([[[0, 100]]], np.uint8)
-    np.testing.assert_array_equal(datasets.resize_image(row, 1, 4)[0, 0], [0, 25, 75, 100])
+    np.testing.assert_array_equal(resize_image(row, 1, 4)[0, 0], [0, 25, 75, 100])
     image = np.arange(16, dtype=np.uint8).reshape(1, 4, 4) * 10
-    np.testing.assert_array_equal(datasets.resize_image(image, 2, 2)[0],
+    np.testing.assert_array_equal(resize_image(image, 2, 2)[0],
                                   [[25, 45], [105, 125]])  # averages of 2x2 blocks
-    assert datasets.resize_image(image, 4, 4) is image
+    assert resize_image(image, 4, 4) is image
 
 
 def test_decode_errors(tmp_path):
     with pytest.raises(NetEngineError, match="image file not found: .*nope.png"):
-        datasets.decode_image(tmp_path / "nope.png")
+        decode_image(tmp_path / "nope.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(NetEngineError, match="cannot decode image .*bad.png"):
-        datasets.decode_image(tmp_path / "bad.png")
+        decode_image(tmp_path / "bad.png")
 
 
 # -- ImageData ------------------------------------------------------------------------------------
@@ -121,9 +121,9 @@ def test_image_data_gray_resize_scale_and_root_folder(image_list, tmp_path):
                              transform="scale: 0.5 mean_value: 10")
     assert top[0].shape == (5, 1, 3, 4)
     data, labels = serve(layer, top, 1)[0]
-    gray = np.stack([datasets.decode_image(tmp_path / "img" / f"im {i}.png", False)
+    gray = np.stack([decode_image(tmp_path / "img" / f"im {i}.png", False)
                      for i in range(5)])
-    want = np.stack([datasets.resize_image(g, 3, 4) for g in gray])
+    want = np.stack([resize_image(g, 3, 4) for g in gray])
     np.testing.assert_array_equal(data, (want - 10.0) * 0.5)
     np.testing.assert_array_equal(labels, np.zeros(5))
     layer.close()
@@ -227,7 +227,7 @@ def test_image_data_errors(image_list, tmp_path, monkeypatch):
     layer, top = image_layer(tmp_path / "sizes.txt", batch=2, transform="crop_size: 3",
                              phase=TEST)
     layer.forward([], top)
-    first = datasets.read_image(tmp_path / "img" / "im 0.png")
+    first = read_image(tmp_path / "img" / "im 0.png")
     np.testing.assert_array_equal(top[0].data[0], first[:, 1:4, 2:5])  # 6x8 → centre 3x3
     assert not top[0].data[1].any()  # the 3x3 black image, whole
 
@@ -349,7 +349,7 @@ def test_window_data_square_mode_and_mean_file(window_file, tmp_path):
     # (11 x 12 px → 4x4); clipped to the image: 10x10 px → round(10·4/11) = 4 columns and
     # round(10·4/12) = 3 rows, top pad round(1·4/12) = 0, left pad 0; the last row stays 0.
     want = np.zeros((3, 4, 4))
-    want[:, :3] = datasets.resize_image(b, 3, 4) - 7.0
+    want[:, :3] = resize_image(b, 3, 4) - 7.0
     np.testing.assert_array_equal(data[0], want)
     np.testing.assert_array_equal(labels, [2, 2])
     layer.close()

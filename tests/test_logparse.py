@@ -10,7 +10,7 @@ import pytest
 from conftest import need_shared
 
 from netengine.cli import parse_log, plot_log
-from netengine.formats import caffe_log as logparse
+from netengine.formats import caffe_log
 
 CIFAR_LOG = ("acceptance", "weights", "everpeace_caffe", "examples", "cifar10", "train_log.txt")
 
@@ -48,11 +48,11 @@ def synthetic_log(tmp_path):
 
 
 def test_caffe_cifar10_log():
-    tables = logparse.parse_log(need_shared(*CIFAR_LOG))
+    tables = caffe_log.parse_log(need_shared(*CIFAR_LOG))
     assert len(tables.train) == 50 and len(tables.test) == 12
-    assert logparse.LogTables.columns(tables.train) == ["NumIters", "Seconds", "LearningRate",
+    assert caffe_log.LogTables.columns(tables.train) == ["NumIters", "Seconds", "LearningRate",
                                                         "loss"]
-    assert logparse.LogTables.columns(tables.test) == ["NumIters", "Seconds", "LearningRate",
+    assert caffe_log.LogTables.columns(tables.test) == ["NumIters", "Seconds", "LearningRate",
                                                        "accuracy", "loss"]
     # Solving at 00:37:55.565062; first test output at 00:38:01.829377
     assert tables.test[0] == {"NumIters": 0, "Seconds": 6.264315, "LearningRate": 0.001,
@@ -70,7 +70,7 @@ def test_caffe_cifar10_log():
 
 
 def test_synthetic_log_rules(synthetic_log):
-    tables = logparse.parse_log(synthetic_log, end_year=2024)
+    tables = caffe_log.parse_log(synthetic_log, end_year=2024)
     # the output before the first "Iteration" line is ignored; two test nets give two rows
     assert [(r["NumIters"], r.get("accuracy"), r.get("loss")) for r in tables.test] == [
         (0, 0.1, 2.3), (0, 0.2, None), (20, 0.9, 0.25)]
@@ -105,7 +105,7 @@ def test_netengine_glog_lines_parse():
         logger.removeHandler(handler)
     lines = stream.getvalue().splitlines()
     assert lines[0][0] == "I" and "solver.cpp:243] Solving LeNet" in lines[0]
-    tables = logparse.parse_lines(lines)
+    tables = caffe_log.parse_lines(lines)
     assert [(r["NumIters"], r["accuracy"]) for r in tables.test] == [(0, 0.1)]
     assert [(r["NumIters"], r["loss"], r["LearningRate"]) for r in tables.train] == \
         [(100, 0.3, 0.01)]
@@ -122,7 +122,7 @@ def test_parse_log_cli_writes_csv(synthetic_log, tmp_path, capsys):
     assert test[0] == "NumIters,Seconds,LearningRate,accuracy,loss"
     assert test[2].endswith(",0.2,")  # the second test net has no loss column
     assert "tiny.log.train: 2 rows" in capsys.readouterr().out
-    rows = logparse.read_csv(out / "tiny.log.test")
+    rows = caffe_log.read_csv(out / "tiny.log.test")
     assert rows[2]["NumIters"] == 20 and rows[2]["loss"] == 0.25
     assert parse_log.main([str(synthetic_log), str(out), "--delimiter", "\t"]) == 0
     assert (out / "tiny.log.train").read_text().startswith("NumIters\tSeconds\tLearningRate")
@@ -139,13 +139,13 @@ def test_parse_log_cli_errors(tmp_path, capsys):
 
 
 def test_chart_titles_and_columns():
-    assert [logparse.chart_title(k) for k in (0, 3, 4, 7)] == [
+    assert [caffe_log.chart_title(k) for k in (0, 3, 4, 7)] == [
         "Test accuracy vs. Iters", "Test loss vs. Seconds", "Train learning rate vs. Iters",
         "Train loss vs. Seconds"]
     rows = [{"NumIters": 0, "loss1/loss1": 1.0, "loss3/top-1": 0.1, "accuracy": 0.2,
              "loss3/loss3": 2.0}]
-    assert logparse.chart_columns(rows, "loss") == ["loss1/loss1", "loss3/loss3"]
-    assert logparse.chart_columns(rows, "accuracy") == ["loss3/top-1", "accuracy"]
+    assert caffe_log.chart_columns(rows, "loss") == ["loss1/loss1", "loss3/loss3"]
+    assert caffe_log.chart_columns(rows, "accuracy") == ["loss3/top-1", "accuracy"]
 
 
 def test_plot_without_matplotlib_is_one_line(synthetic_log, tmp_path, monkeypatch, capsys):
@@ -213,10 +213,10 @@ def test_netengine_training_log_end_to_end(tmp_path):
         logger.propagate = saved[2]
     log = tmp_path / "train.log"
     log.write_text(stream.getvalue())
-    train, test, tables = logparse.write_tables(log, tmp_path)
+    train, test, tables = caffe_log.write_tables(log, tmp_path)
     assert [(r["NumIters"], r["LearningRate"]) for r in tables.train] == [(0, 0.1), (5, 0.01)]
     assert [r["NumIters"] for r in tables.test] == [0, 5, 10]
-    assert logparse.LogTables.columns(tables.test) == ["NumIters", "Seconds", "LearningRate",
+    assert caffe_log.LogTables.columns(tables.test) == ["NumIters", "Seconds", "LearningRate",
                                                        "accuracy", "loss"]
     assert train.read_text().startswith("NumIters,Seconds,LearningRate,loss\n0,")
     assert all(r["Seconds"] >= 0 for r in tables.train + tables.test)

@@ -10,7 +10,6 @@ from google.protobuf import text_format
 import netengine
 from netengine import net as net_module
 from netengine.errors import NetEngineError
-from netengine.formats import snapshot
 from netengine.layers import REGISTRY, layer_type_list
 from netengine.net import Net, blob_to_proto, insert_splits, layer_included, state_meets_rule
 from netengine.proto import caffe_pb2
@@ -300,8 +299,8 @@ def test_weights_format_is_told_by_content_not_name(tmp_path):
     pytest.importorskip("h5py")
     net = ip_net()
     binary, hdf5 = tmp_path / "binary.caffemodel.h5", tmp_path / "hdf5.caffemodel"
-    snapshot.write_model(net, binary)
-    snapshot.write_model_hdf5(net, hdf5)
+    net.save(binary)
+    net.save_hdf5(hdf5)
     for path in (binary, hdf5):
         other = ip_net()
         other.params["ip2"][0].data[...] = 0

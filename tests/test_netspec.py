@@ -6,23 +6,23 @@ import pytest
 from conftest import REPO, need_shared
 from google.protobuf import text_format
 
-from netengine import net_spec as netspec
+from netengine import net_spec
 from netengine.formats.prototxt import read_text_proto
 from netengine.proto import caffe_pb2
 
-L, P = netspec.layers, netspec.params
+L, P = net_spec.layers, net_spec.params
 
 
 CAFFE_SOURCES = ("examples/mnist/mnist_train_lmdb", "examples/mnist/mnist_test_lmdb")
 OUR_SOURCES = ("data/mnist/train-images-idx3-ubyte.gz", "data/mnist/t10k-images-idx3-ubyte.gz")
 
 
-def lenet(sources=CAFFE_SOURCES, backend=P.Data.LMDB) -> netspec.NetSpec:
+def lenet(sources=CAFFE_SOURCES, backend=P.Data.LMDB) -> net_spec.NetSpec:
     """Caffe's examples/mnist/lenet_train_test.prototxt (LMDB sources), written in Python;
     with ``OUR_SOURCES`` and no backend it is netengine's flagship nets/mnist_train_test."""
-    n = netspec.NetSpec(name="LeNet")
+    n = net_spec.NetSpec(name="LeNet")
     db = {} if backend is None else {"backend": backend}
-    for phase, source, batch in zip((netspec.TRAIN, netspec.TEST), sources, (64, 100)):
+    for phase, source, batch in zip((net_spec.TRAIN, net_spec.TEST), sources, (64, 100)):
         n.data, n.label = L.Data(name="mnist", include=dict(phase=phase), ntop=2,
                                  transform_param=dict(scale=0.00390625),
                                  source=source, batch_size=batch, **db)
@@ -35,7 +35,7 @@ def lenet(sources=CAFFE_SOURCES, backend=P.Data.LMDB) -> netspec.NetSpec:
     n.ip1 = L.InnerProduct(n.pool2, param=lr, num_output=500, **fill)
     n.relu1 = L.ReLU(n.ip1, in_place=True)
     n.ip2 = L.InnerProduct(n.ip1, param=lr, num_output=10, **fill)
-    n.accuracy = L.Accuracy(n.ip2, n.label, include=dict(phase=netspec.TEST))
+    n.accuracy = L.Accuracy(n.ip2, n.label, include=dict(phase=net_spec.TEST))
     n.loss = L.SoftmaxWithLoss(n.ip2, n.label)
     return n
 
@@ -69,7 +69,7 @@ def test_prototxt_round_trip(tmp_path):
 
 
 def test_routing_to_param_messages_and_layer_fields():
-    n = netspec.NetSpec()
+    n = net_spec.NetSpec()
     n.data = L.Input(shape=dict(dim=[2, 3, 8, 8]))
     n.label = L.Input(shape=[dict(dim=[2])])
     n.up = L.Deconvolution(n.data, num_output=3, kernel_size=4, stride=2, bias_term=False,
@@ -95,7 +95,7 @@ def test_explicit_param_messages_and_messages_as_values():
     filler = caffe_pb2.FillerParameter(type="gaussian", std=0.01)
     top = L.Convolution(L.Input(shape=dict(dim=[1, 1, 4, 4])),
                         convolution_param=dict(num_output=2, kernel_size=[3]),
-                        weight_filler=filler, exclude=dict(phase=netspec.TRAIN, stage=["x"]))
+                        weight_filler=filler, exclude=dict(phase=net_spec.TRAIN, stage=["x"]))
     conv = top.to_proto().layer[1]
     assert conv.convolution_param.num_output == 2
     assert conv.convolution_param.weight_filler == filler
@@ -116,7 +116,7 @@ def test_auto_names_and_in_place():
 
 
 def test_multiple_tops_ntop_zero_and_partly_named_tops():
-    n = netspec.NetSpec()
+    n = net_spec.NetSpec()
     n.data = L.Input(shape=dict(dim=[2, 6]))
     n.a, n.b, _ = L.Slice(n.data, axis=1, slice_point=[2, 4], ntop=3)
     n.silence = L.Silence(n.b, ntop=0)
@@ -131,7 +131,7 @@ def test_multiple_tops_ntop_zero_and_partly_named_tops():
 def test_netspec_builds_a_working_net():
     from netengine.net import Net
 
-    n = netspec.NetSpec(name="tiny")
+    n = net_spec.NetSpec(name="tiny")
     n.data = L.Input(shape=dict(dim=[2, 5]))
     n.ip = L.InnerProduct(n.data, num_output=3, weight_filler=dict(type="gaussian", std=0.1))
     n.prob = L.Softmax(n.ip)
@@ -155,27 +155,27 @@ def test_netspec_builds_a_working_net():
 ])
 def test_errors_are_one_line_and_name_the_field(call, expected):
     data = L.Input(shape=dict(dim=[1, 1, 4, 4]))
-    with pytest.raises(netspec.NetSpecError) as info:
+    with pytest.raises(net_spec.NetSpecError) as info:
         call(data)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
 
 
 def test_assigning_a_non_top_is_refused():
-    n = netspec.NetSpec()
-    with pytest.raises(netspec.NetSpecError, match="must be a layer's top"):
+    n = net_spec.NetSpec()
+    with pytest.raises(net_spec.NetSpecError, match="must be a layer's top"):
         n.x = 3
     with pytest.raises(AttributeError, match="no top 'y'"):
         n.y  # noqa: B018
 
 
 def test_param_name_dict_is_derived_from_the_descriptor():
-    names = netspec.param_name_dict()
+    names = net_spec.param_name_dict()
     assert names["Convolution"] == "convolution_param"
     assert names["InnerProduct"] == "inner_product_param"
     assert names["HDF5Data"] == "hdf5_data_param"
     assert names["ReLU"] == "relu_param"
     assert "SoftmaxWithLoss" not in names
-    assert netspec.param_fields("SoftmaxWithLoss") == ["softmax_param", "loss_param"]
-    assert netspec.param_fields("Deconvolution") == ["convolution_param"]
+    assert net_spec.param_fields("SoftmaxWithLoss") == ["softmax_param", "loss_param"]
+    assert net_spec.param_fields("Deconvolution") == ["convolution_param"]
     assert P.Pooling.MAX == caffe_pb2.PoolingParameter.MAX

@@ -121,7 +121,7 @@ def test_hdf5_layout_matches_caffe(golden_dir, tmp_path, monkeypatch):
 @needs_h5py
 def test_hdf5_weights_load_into_net(golden_dir, tmp_path):
     solver, ref = golden_tiny(golden_dir, "sgd_h5", tmp_path)
-    ignored = snapshot.load_weights(solver.net, golden_dir / "tiny_sgd_h5_iter_3.caffemodel.h5")
+    ignored = solver.net.copy_from(golden_dir / "tiny_sgd_h5_iter_3.caffemodel.h5")
     assert ignored == []
     for i, blob in enumerate(solver.net.params["ip"]):
         np.testing.assert_array_equal(blob.data, ref[f"final/ip/{i}"])
@@ -282,25 +282,18 @@ KILL_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {repo!r})
     from netengine.formats import snapshot
-    from netengine.blob import Blob
+    from netengine.blob import blob_proto
+    from netengine.proto import caffe_pb2
 
-    class FakeNet:  # one layer with a 16 MB blob, enough for a write to take a while
-        name = "big"
-        def __init__(self):
-            from netengine.proto import caffe_pb2
-            class L:
-                pass
-            layer = L()
-            layer.layer_param = caffe_pb2.LayerParameter(name="ip", type="InnerProduct")
-            layer.blobs = [Blob((2000, 2000))]
-            self.layers = [layer]
-
-    net = FakeNet()
+    # one layer with a 16 MB blob, enough for a write to take a while
+    weights = np.zeros((2000, 2000), np.float32)
     k = 0
     while True:
-        net.layers[0].blobs[0].data[...] = k
-        snapshot.write_model(net, {model!r})
-        snapshot.write_state({state!r}, snapshot.SolverStateData(k, "m", [net.layers[0].blobs[0].data], 0))
+        weights[...] = k
+        param = caffe_pb2.NetParameter(name="big")
+        param.layer.add(name="ip", type="InnerProduct").blobs.append(blob_proto(weights))
+        snapshot.write_weights({model!r}, param)
+        snapshot.write_state({state!r}, snapshot.SolverStateData(k, "m", [weights], 0))
         if k == 0:
             print("written", flush=True)
         k += 1

@@ -179,7 +179,7 @@ def test_lenets_classify_the_ten_sample_digits(model, proto):
 
 
 def _mnist_10k():
-    from netengine.data.sources import read_idx
+    from netengine.data.idx import read_idx
 
     folder = SHARED / "data/mnist-npm10k"
     images = read_idx(need(folder / "images-idx3-ubyte.gz"))

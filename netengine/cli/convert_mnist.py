@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from netengine.data import sources as datasets
+from netengine.data.db import array_to_datum, lmdb_key, write_leveldb, write_lmdb
+from netengine.data.idx import read_idx
 from netengine.errors import NetEngineError
 
 
@@ -38,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def convert(images_path: str, labels_path: str, db_path: str,
             backend: str = "lmdb") -> tuple[int, int, int]:
     """Write the database; returns (items, rows, cols)."""
-    images = datasets.read_idx(images_path)
-    labels = datasets.read_idx(labels_path)
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise NetEngineError(f"{images_path}: expected MNIST images (uint8, N x rows x cols), "
                              f"got {images.dtype} of shape {images.shape}")
@@ -52,10 +53,10 @@ def convert(images_path: str, labels_path: str, db_path: str,
 
     def records():
         for i, (image, label) in enumerate(zip(images, labels)):
-            datum = datasets.array_to_datum(image[None], int(label))
-            yield datasets.lmdb_key(i), datum.SerializeToString()
+            datum = array_to_datum(image[None], int(label))
+            yield lmdb_key(i), datum.SerializeToString()
 
-    write = datasets.write_leveldb if backend == "leveldb" else datasets.write_lmdb
+    write = write_leveldb if backend == "leveldb" else write_lmdb
     count = write(db_path, records())
     return count, images.shape[1], images.shape[2]
 

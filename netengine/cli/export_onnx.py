@@ -3,7 +3,7 @@
     tools/export_onnx --model deploy.prototxt --weights w.caffemodel -o net.onnx [--verify]
                       [--input-shape data=1,3,224,224 ...]
 
-Exports the layers whose ONNX equivalents are exact (see netengine/onnx_export.py); any other
+Exports the layers whose ONNX equivalents are exact (see netengine/formats/onnx.py); any other
 layer stops the export with one line naming it. ``--verify`` runs the ONNX model in
 onnxruntime and the net in netengine on the same random input and prints the largest
 relative difference (exit 1 above 1e-4). ``--input-shape`` replaces the shape of an input
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from netengine.formats import onnx as onnx_export
+        from netengine.formats import onnx
         from netengine.net import TEST, Net
         from netengine.summary import parse_shape_spec
 
@@ -47,12 +47,12 @@ def main(argv=None) -> int:
         if not args.weights:
             print("export_onnx: no --weights given: the exported weights are the fillers' "
                   "initial values", file=sys.stderr)
-        model = onnx_export.export(net, args.output)
+        model = onnx.export(net, args.output)
         shapes = ", ".join(f"{name}{tuple(net.blobs[name].shape)}" for name in net.inputs)
-        print(f"Wrote {args.output}: {len(model.graph.node)} nodes, opset {onnx_export.OPSET}, "
-              f"inputs {shapes}, outputs {', '.join(onnx_export.output_names(model))}")
+        print(f"Wrote {args.output}: {len(model.graph.node)} nodes, opset {onnx.OPSET}, "
+              f"inputs {shapes}, outputs {', '.join(onnx.output_names(model))}")
         if args.verify:
-            worst = onnx_export.verify(net, model)
+            worst = onnx.verify(net, model)
             print(f"onnxruntime vs netengine: largest relative difference {worst:.3g}")
             if not worst <= TOLERANCE:
                 print(f"export_onnx: error: outputs differ by {worst:.3g} (more than "

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from netengine.errors import NetEngineError
-from netengine.formats import caffe_log as logparse
+from netengine.formats import caffe_log
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,14 +33,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     try:
-        train, test, tables = logparse.write_tables(args.logfile, args.output_dir,
+        train, test, tables = caffe_log.write_tables(args.logfile, args.output_dir,
                                                     args.delimiter)
     except (NetEngineError, OSError) as err:
         print(f"parse_log: error: {err}", file=sys.stderr)
         return 1
     if args.verbose:
         for path, rows in ((train, tables.train), (test, tables.test)):
-            columns = logparse.LogTables.columns(rows)
+            columns = caffe_log.LogTables.columns(rows)
             print(f"Wrote {path}: {len(rows)} rows, columns {', '.join(columns)}")
     return 0
 

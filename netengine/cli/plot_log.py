@@ -14,17 +14,17 @@ import argparse
 import sys
 
 from netengine.errors import NetEngineError
-from netengine.formats import caffe_log as logparse
+from netengine.formats import caffe_log
 
 
 def _chart_list() -> str:
-    return "; ".join(f"{k}: {logparse.chart_title(k)}" for k in logparse.CHART_TYPES)
+    return "; ".join(f"{k}: {caffe_log.chart_title(k)}" for k in caffe_log.CHART_TYPES)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="plot_log", description="Plot training logs: " + _chart_list() + ".")
-    parser.add_argument("chart_type", type=int, choices=sorted(logparse.CHART_TYPES),
+    parser.add_argument("chart_type", type=int, choices=sorted(caffe_log.CHART_TYPES),
                         metavar="CHART_TYPE", help="0-7 (see above)")
     parser.add_argument("out", metavar="OUT", help="image to write (.png, .svg, .pdf, ...)")
     parser.add_argument("logs", nargs="+", metavar="LOG", help="training log file(s)")
@@ -34,11 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        curves = logparse.plot_logs(args.chart_type, args.out, args.logs)
+        curves = caffe_log.plot_logs(args.chart_type, args.out, args.logs)
     except NetEngineError as err:
         print(f"plot_log: error: {err}", file=sys.stderr)
         return 1
-    print(f"Wrote {args.out} ({logparse.chart_title(args.chart_type)}, "
+    print(f"Wrote {args.out} ({caffe_log.chart_title(args.chart_type)}, "
           f"{len(curves)} curve{'s' if len(curves) != 1 else ''})")
     return 0
 

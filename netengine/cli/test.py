@@ -38,7 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def score(args) -> int:
-    from netengine.formats import snapshot
     from netengine.net import TEST, TRAIN, Net
 
     if not args.model:
@@ -51,7 +50,7 @@ def score(args) -> int:
     net = Net(args.model, TEST if args.phase == "TEST" else TRAIN, level=args.level,
               stages=stages(args.stage))
     for name in filter(None, (s.strip() for s in args.weights.split(","))):
-        snapshot.load_weights(net, name)
+        net.copy_from(name)
     log.info("Running for %d iterations.", args.iterations, extra=at("caffe.cpp:304"))
     sums: dict[str, np.ndarray] = {}
     loss = 0.0

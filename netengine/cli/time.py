@@ -66,7 +66,6 @@ def layer_times(net, iterations: int, report=None) -> tuple[list[float], list[fl
 
 
 def benchmark(args) -> int:
-    from netengine.formats import snapshot
     from netengine.net import TEST, TRAIN, Net
 
     if not args.model:
@@ -77,7 +76,7 @@ def benchmark(args) -> int:
     net = Net(args.model, TRAIN if args.phase == "TRAIN" else TEST, level=args.level,
               stages=stages(args.stage))
     for name in filter(None, (s.strip() for s in args.weights.split(","))):
-        snapshot.load_weights(net, name)
+        net.copy_from(name)
     where = at("caffe.cpp:360")
     log.info("Performing Forward", extra=where)
     loss = net.forward_from_to(0, len(net.layers) - 1)

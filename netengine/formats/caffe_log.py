@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from netengine.errors import NetEngineError
+from netengine.formats.prototxt import write_atomic
 
 _NUMBER = r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 _STAMP = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{1,6})\b")
@@ -156,8 +157,6 @@ def _cell(value) -> str:
 
 def write_csv(path, rows: list[dict], delimiter: str = ",") -> None:
     """Write ``rows`` with a header line (just the base columns when there are no rows)."""
-    from netengine.formats.prototxt import write_atomic
-
     columns = LogTables.columns(rows)
     lines = [delimiter.join(columns)]
     lines += [delimiter.join(_cell(row.get(c)) for c in columns) for row in rows]

@@ -39,6 +39,7 @@ import numpy as np
 
 from netengine import backend
 from netengine.errors import LayerError, NetEngineError
+from netengine.formats.prototxt import write_atomic
 from netengine.ops.pool_ops import pooled_size
 from netengine.proto import caffe_pb2
 
@@ -531,8 +532,6 @@ def output_names(model) -> list[str]:
 
 def export(net, path) -> object:
     """Write ``net`` as an ONNX file (atomically); returns the model."""
-    from netengine.formats.prototxt import write_atomic
-
     model = to_onnx(net)
     write_atomic(path, model.SerializeToString())
     return model

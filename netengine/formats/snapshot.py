@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from netengine import backend
+from netengine.blob import blob_array, blob_proto
 from netengine.errors import NetEngineError, NetSyntaxError, SolverError
 from netengine.formats.prototxt import read_binary_proto, write_atomic, write_binary_proto
 from netengine.proto import caffe_pb2
@@ -41,62 +42,9 @@ from netengine.proto import caffe_pb2
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
-# -- fast BlobProto encoding ----------------------------------------------------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        low = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _packed(tag: int, payload: bytes) -> bytes:
-    return bytes([tag]) + _varint(len(payload)) + payload
-
-
-def blob_proto(array, shape: tuple | None = None, diff=None) -> caffe_pb2.BlobProto:
-    """A BlobProto with ``shape`` and float ``data`` (and ``diff``), like Caffe's Blob::ToProto."""
-    host = np.ascontiguousarray(backend.to_host(array), dtype="<f4")
-    shape = host.shape if shape is None else tuple(shape)
-    payload = b""
-    if host.size:
-        payload += _packed(0x2A, host.tobytes())  # field 5, data
-    if diff is not None:
-        host_diff = np.ascontiguousarray(backend.to_host(diff), dtype="<f4")
-        if host_diff.size:
-            payload += _packed(0x32, host_diff.tobytes())  # field 6, diff
-    if shape:  # a 0-axis blob has no shape field, as Caffe writes it
-        dims = b"".join(_varint(int(d)) for d in shape)
-        payload += _packed(0x3A, _packed(0x0A, dims))  # field 7, shape {dim}
-    return caffe_pb2.BlobProto.FromString(payload)
-
-
-def blob_array(proto) -> np.ndarray:
-    """The values of a BlobProto in its own shape (BlobShape or legacy num/channels/h/w)."""
-    from netengine.net import blob_from_proto
-
-    return blob_from_proto(proto, np.float32)
-
-
 # -- weights --------------------------------------------------------------------------------------
-def model_proto(net, write_diff: bool = False) -> caffe_pb2.NetParameter:
-    """The net with its blobs as a NetParameter (Caffe's Net::ToProto)."""
-    param = caffe_pb2.NetParameter(name=net.name)
-    for layer in net.layers:
-        lp = param.layer.add()
-        lp.CopyFrom(layer.layer_param)
-        del lp.blobs[:]
-        for blob in layer.blobs:
-            lp.blobs.append(blob_proto(blob.data, blob.shape,
-                                       blob.diff if write_diff else None))
-    return param
-
-
+# The Net hands its weights in as a NetParameter (binary) or as arrays per layer (HDF5) and takes
+# arrays back out; this module never sees a Net.
 def is_hdf5(path: str | os.PathLike) -> bool:
     """True when ``path`` starts with HDF5's signature (Caffe's H5Fis_hdf5 test)."""
     try:
@@ -124,27 +72,28 @@ def _h5_bytes(fill) -> bytes:
     return buffer.getvalue()
 
 
-def write_model(net, path: str | os.PathLike, write_diff: bool = False) -> None:
-    """Write the net's weights as a binary caffemodel, atomically."""
-    write_binary_proto(path, model_proto(net, write_diff))
+def write_weights(path: str | os.PathLike, param: caffe_pb2.NetParameter) -> None:
+    """Write a NetParameter with its blobs (Net::ToProto) as a binary caffemodel, atomically."""
+    write_binary_proto(path, param)
 
 
-def write_model_hdf5(net, path: str | os.PathLike, write_diff: bool = False) -> None:
-    """Write the net's weights in Caffe's HDF5 layout (Net::ToHDF5), atomically."""
-    owners = net.param_owners
-    ids = {pair: i for i, pair in enumerate(net.param_layer_indices)}
+LayerArrays = list[tuple[str, dict[int, object]]]  # [(layer name, {param index: array})]
+
+
+def write_weights_hdf5(path: str | os.PathLike, data: LayerArrays,
+                       diff: LayerArrays | None = None) -> None:
+    """Write weights in Caffe's HDF5 layout (Net::ToHDF5), atomically: group ``data`` (and
+    ``diff``) holding one group per layer with one dataset per param index."""
 
     def fill(handle) -> None:
-        data = handle.create_group("data")
-        diff = handle.create_group("diff") if write_diff else None
-        for li, layer in enumerate(net.layers):
-            group = data.require_group(layer.name)
-            diff_group = diff.require_group(layer.name) if diff is not None else None
-            for j, blob in enumerate(layer.blobs):
-                if owners[ids[(li, j)]] == -1:
-                    group.create_dataset(str(j), data=_host32(blob.data))
-                if diff_group is not None:
-                    diff_group.create_dataset(str(j), data=_host32(blob.diff))
+        for group_name, layers in (("data", data), ("diff", diff)):
+            if layers is None:
+                continue
+            group = handle.create_group(group_name)
+            for name, arrays in layers:
+                layer_group = group.require_group(name)
+                for j, array in arrays.items():
+                    layer_group.create_dataset(str(j), data=_host32(array))
 
     write_atomic(path, _h5_bytes(fill))
 
@@ -153,22 +102,10 @@ def _host32(array) -> np.ndarray:
     return np.ascontiguousarray(backend.to_host(array), dtype=np.float32)
 
 
-def load_weights(net, path: str | os.PathLike) -> list[str]:
-    """Copy weights by layer name from a caffemodel, binary or HDF5 (Caffe's
-    CopyTrainedLayersFrom, which tells them apart by the HDF5 signature); returns the names of
-    source layers the net does not have."""
-    if not Path(path).exists():
-        raise NetEngineError(f"weights file not found: {path}")
-    return net.copy_from(str(path))  # binary or HDF5, told apart by content
-
-
-def load_weights_hdf5(net, path: str | os.PathLike) -> list[str]:
-    """Copy weights from a ``.caffemodel.h5`` (Caffe's CopyTrainedLayersFromHDF5)."""
+def read_weights_hdf5(path: str | os.PathLike) -> dict[str, dict[int, np.ndarray]]:
+    """The ``data`` group of a ``.caffemodel.h5``: {layer name: {param index: float32 array}},
+    in the file's order (Caffe's CopyTrainedLayersFromHDF5 reads the same)."""
     h5py = _h5py()
-    owners = net.param_owners
-    ids = {pair: i for i, pair in enumerate(net.param_layer_indices)}
-    by_name = {layer.name: (i, layer) for i, layer in enumerate(net.layers)}
-    ignored = []
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
@@ -176,33 +113,11 @@ def load_weights_hdf5(net, path: str | os.PathLike) -> list[str]:
     with handle:
         if "data" not in handle:
             raise NetEngineError(f"{path} is not a Caffe HDF5 weights file (no 'data' group)")
-        data = handle["data"]
-        for name in data:
-            if name not in by_name:
-                ignored.append(name)
-        for name, (li, layer) in by_name.items():
-            if name not in data or not layer.blobs:
-                continue
-            group = data[name]
-            if len(group) > len(layer.blobs):
-                raise NetEngineError(f"incompatible number of blobs: the weights file has "
-                                     f"{len(group)}, the net expects {len(layer.blobs)}",
-                                     file=str(path), layer=name, layer_type=layer.type)
-            for j, blob in enumerate(layer.blobs):
-                if str(j) not in group:
-                    if owners[ids[(li, j)]] != -1:
-                        continue  # a shared param: its owner carries the values
-                    raise NetEngineError(f"param {j} is missing from the weights file",
-                                         file=str(path), layer=name, layer_type=layer.type)
-                values = np.asarray(group[str(j)][()], dtype=np.float32)
-                if values.shape != blob.shape:
-                    raise NetEngineError(f"cannot copy param {j}: shape mismatch, the weights "
-                                         f"file has {values.shape}, the net expects "
-                                         f"{blob.shape}", file=str(path), layer=name,
-                                         layer_type=layer.type)
-                blob.data[...] = backend.to_module(values, blob.xp)
-    net.ignored_layers = ignored
-    return ignored
+        layers: dict[str, dict[int, np.ndarray]] = {}
+        for name, group in handle["data"].items():
+            layers[name] = {int(j): np.asarray(group[j][()], dtype=np.float32)
+                            for j in group if j.isdigit()}
+        return layers
 
 
 # -- solver state ---------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import logging
 from collections.abc import Callable
 
 from netengine.errors import LayerError, NetEngineError, SolverError
+from netengine.formats.prototxt import layer_blocks, read_text_file
 from netengine.proto import caffe_pb2
 
 log = logging.getLogger("netengine")
@@ -377,7 +378,6 @@ def _upgrade_batch_norm(param, report: _Report) -> None:
 def _first_block_lines(file: str | None) -> dict[str, int]:
     if not file:
         return {}
-    from netengine.formats.prototxt import layer_blocks, read_text_file
 
     try:
         blocks = layer_blocks(read_text_file(file))

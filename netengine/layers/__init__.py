@@ -33,9 +33,9 @@ def __getattr__(name: str):
     # pycaffe's ``from caffe import layers as L``: L.Convolution(...) is net_spec's layer
     # factory. This package holds the implementations, so unknown names go to the factory.
     if name[:1].isupper():
-        from netengine import net_spec as netspec
+        from netengine import net_spec
 
-        return getattr(netspec.layers, name)
+        return getattr(net_spec.layers, name)
     raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
 
 __all__ = ["REGISTRY", "Layer", "LossLayer", "NeuronLayer", "create_layer", "layer_class",

@@ -35,9 +35,8 @@ def register(cls: type[Layer]) -> type[Layer]:
 
 
 def layer_type_list() -> list[str]:
-    """Every layer type this engine knows, sorted (pycaffe's ``layer_type_list``)."""
-    from netengine import layers  # noqa: F401 - importing the package fills the registry
-
+    """Every registered layer type, sorted (pycaffe's ``layer_type_list``); importing the
+    ``netengine.layers`` package registers every family."""
     return sorted(REGISTRY)
 
 

@@ -17,7 +17,11 @@ import numpy as np
 
 from netengine import backend, fillers
 from netengine.blob import Blob
-from netengine.data import sources as datasets
+from netengine.data.db import LevelDBSource, LMDBSource, is_leveldb, is_lmdb
+from netengine.data.idx import IDXSource
+from netengine.data.images import decode_image, import_pillow, read_image, resize_image
+from netengine.data.sources import read_bytes, resolve_source, search_description
+from netengine.data.transform import Transformer, read_mean_file
 from netengine.errors import DataSourceError, LayerError, NetEngineError
 from netengine.layers.base import Layer, register
 from netengine.proto import caffe_pb2
@@ -164,10 +168,10 @@ def _resolve(layer: Layer, what: str, path: str, gz: bool = True,
              extra_dirs: tuple = ()) -> Path:
     if not path:
         raise layer.fail(f"{what} is empty")
-    found = datasets.resolve_source(path, (*extra_dirs, *layer.search_dirs), gz=gz)
+    found = resolve_source(path, (*extra_dirs, *layer.search_dirs), gz=gz)
     if found is None:
         raise layer.fail(f"{what} not found: "
-                         f"{datasets.search_description(path, (*extra_dirs, *layer.search_dirs))}",
+                         f"{search_description(path, (*extra_dirs, *layer.search_dirs))}",
                          DataSourceError)
     # Relative sources may be found beside the solver or in netengine's own data: say which.
     log.info("%s '%s': %s %s", layer.type, layer.name, what, found.resolve())
@@ -179,7 +183,7 @@ def _image_source(layer: Layer, field: str, param) -> Path:
     a positive batch_size."""
     source = _resolve(layer, f"{field}.source", param.source, gz=False)
     try:
-        datasets.import_pillow()
+        import_pillow()
     except NetEngineError as err:
         raise layer.fail(err.message) from None
     if param.batch_size <= 0:
@@ -248,21 +252,21 @@ class Data(Layer):
         path = _resolve(self, "data_param.source", p.source)
         try:
             if path.is_file() and path.suffix != ".mdb":
-                return datasets.IDXSource(path)
+                return IDXSource(path)
             explicit_leveldb = (p.HasField("backend")
                                 and p.backend == caffe_pb2.DataParameter.LEVELDB)
             # Caffe shapes each batch from its first record: with a crop, or one record per
             # batch, records may differ in size
             ragged = bool(self._transform_param(p).crop_size) or self.batch_size == 1
-            if datasets.is_leveldb(path):
-                return datasets.LevelDBSource(path, self._forced_color(), ragged=ragged)
-            if explicit_leveldb and datasets.is_lmdb(path):
+            if is_leveldb(path):
+                return LevelDBSource(path, self._forced_color(), ragged=ragged)
+            if explicit_leveldb and is_lmdb(path):
                 raise self.fail(f"{path} is an LMDB database but data_param.backend is LEVELDB: "
                                 "set backend: LMDB")
-            if not datasets.is_lmdb(path):
+            if not is_lmdb(path):
                 raise self.fail(f"{path} is neither an LMDB folder (with data.mdb), a LevelDB "
                                 "folder (with CURRENT) nor an MNIST IDX images file")
-            return datasets.LMDBSource(path, self._forced_color(), ragged=ragged)
+            return LMDBSource(path, self._forced_color(), ragged=ragged)
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
@@ -284,16 +288,16 @@ class Data(Layer):
                 setattr(param, old, getattr(p, old))
         return param
 
-    def _make_transformer(self, p) -> datasets.Transformer:
+    def _make_transformer(self, p) -> Transformer:
         param = self._transform_param(p)
         mean = None
         try:
             if param.HasField("mean_file"):
                 if len(param.mean_value):
                     raise self.fail("transform_param: give mean_file or mean_value, not both")
-                mean = datasets.read_mean_file(
+                mean = read_mean_file(
                     _resolve(self, "transform_param.mean_file", param.mean_file, gz=False))
-            return datasets.Transformer(param, self.phase, mean)
+            return Transformer(param, self.phase, mean)
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
@@ -721,9 +725,9 @@ class HDF5Output(Layer):
 
 
 def _image_path(name: str, dirs: tuple, where: str) -> Path:
-    found = datasets.resolve_source(name, dirs, gz=False)
+    found = resolve_source(name, dirs, gz=False)
     if found is None:
-        raise NetEngineError(f"image file not found: {datasets.search_description(name, dirs)} "
+        raise NetEngineError(f"image file not found: {search_description(name, dirs)} "
                              f"({where})")
     return found
 
@@ -751,7 +755,7 @@ class _ImageList:
     def load(self, line: int) -> np.ndarray:
         where = f"line {line + 1} of {self.listing}"
         path = _image_path(self.root + self.names[line], self.dirs, where)
-        return datasets.read_image(path, self.height, self.width, self.is_color)
+        return read_image(path, self.height, self.width, self.is_color)
 
 
 def _read_image_list(layer: Layer, listing: Path) -> tuple[list[str], np.ndarray]:
@@ -893,7 +897,7 @@ def _crop_window(image: np.ndarray, box, crop: int, context_pad: int, square: bo
         x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, cols - 1), min(y2, rows - 1)
     if x2 < x1 or y2 < y1 or out_h <= 0 or out_w <= 0:
         raise NetEngineError(f"window {tuple(box)} lies outside the {cols}x{rows} image")
-    patch = datasets.resize_image(image[:, y1:y2 + 1, x1:x2 + 1], out_h, out_w)
+    patch = resize_image(image[:, y1:y2 + 1, x1:x2 + 1], out_h, out_w)
     return (patch[:, :, ::-1] if flip else patch), pad_h, pad_w
 
 
@@ -965,7 +969,7 @@ class WindowData(Data):
             dirs = (str(source.parent), *self.search_dirs)
             files = [_image_path(p.root_folder + name, dirs, f"image {i} of {source}")
                      if p.cache_images else None for i, (name, *_) in enumerate(paths)]
-            cache = [datasets.read_bytes(f) if f else None for f in files]
+            cache = [read_bytes(f) if f else None for f in files]
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
@@ -1037,7 +1041,7 @@ class WindowData(Data):
             data = s["cache"][image]
             if data is None:
                 data = _image_path(name, s["dirs"], f"image {image} of {s['source']}")
-            decoded = datasets.decode_image(data, is_color, name=name)
+            decoded = decode_image(data, is_color, name=name)
             if decoded.shape[0] != channels:  # pragma: no cover - decode_image gives 1 or 3
                 raise NetEngineError(f"{name} has {decoded.shape[0]} channels, not {channels}")
             return decoded

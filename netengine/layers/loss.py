@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from netengine.blob import Blob
+from netengine.blob import Blob, blob_from_proto
 from netengine.errors import NetEngineError
+from netengine.formats.prototxt import read_binary_proto
 from netengine.layers.base import Layer, LossLayer, register
 from netengine.proto import caffe_pb2
 
@@ -476,8 +477,6 @@ class InfogainLoss(LossLayer):
             if not source:
                 raise self.fail("needs the infogain matrix: a third bottom or "
                                 "infogain_loss_param.source")
-            from netengine.formats.prototxt import read_binary_proto
-            from netengine.net import blob_from_proto
 
             try:
                 proto = read_binary_proto(source, caffe_pb2.BlobProto())

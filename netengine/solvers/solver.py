@@ -48,8 +48,9 @@ from google.protobuf import text_format
 
 from netengine import backend
 from netengine.blob import Blob
+from netengine.data.sources import add_search_dir
 from netengine.errors import NetEngineError, SolverError
-from netengine.formats import snapshot
+from netengine.formats import snapshot, upgrade
 from netengine.formats.prototxt import read_text_proto
 from netengine.logging_glog import at, fmt
 from netengine.net import Net
@@ -69,8 +70,6 @@ def read_solver_param(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
     snapshot_prefix, as Caffe: unset → the solver file's path without its extension; naming an
     existing directory → that directory / the solver file's stem.
     """
-    from netengine.formats import upgrade
-
     param, _ = read_text_proto(path, caffe_pb2.SolverParameter())
     upgrade.upgrade_solver(param, file=str(path))
     if not param.HasField("snapshot_prefix"):
@@ -109,8 +108,6 @@ class Solver:
     def __init__(self, solver, *, solver_file: str | os.PathLike | None = None,
                  dtype=np.float32) -> None:
         if isinstance(solver, caffe_pb2.SolverParameter):
-            from netengine.formats import upgrade
-
             param = caffe_pb2.SolverParameter()
             param.CopyFrom(solver)
             upgrade.upgrade_solver(param, file=str(solver_file) if solver_file else None)
@@ -177,13 +174,7 @@ class Solver:
     def _add_data_search_dir(self) -> None:
         if self._base_dir is None:
             return
-        try:
-            from netengine.data import sources as datasets
-        except ImportError:
-            return
-        add = getattr(datasets, "add_search_dir", None)
-        if add is not None:
-            add(self._base_dir)
+        add_search_dir(self._base_dir)
 
     def resolve_path(self, path: str, what: str = "file") -> str:
         """A relative path: the current directory first (Caffe's rule), then the solver's folder."""
@@ -291,7 +282,7 @@ class Solver:
                 path = self.resolve_path(name, "weights file")
                 log.info("Finetuning from %s", path, extra=at("solver.cpp:110"))
                 for net in [self.net, *self.test_nets]:
-                    snapshot.load_weights(net, path)
+                    net.copy_from(path)
 
     def _presolve(self) -> None:
         params = self.net.learnable_params
@@ -605,9 +596,9 @@ class Solver:
         try:
             log.info("Snapshotting to %s %s", kind, model, extra=at("solver.cpp:454"))
             if hdf5:
-                snapshot.write_model_hdf5(self.net, model, p.snapshot_diff)
+                self.net.save_hdf5(model, p.snapshot_diff)
             else:
-                snapshot.write_model(self.net, model, p.snapshot_diff)
+                snapshot.write_weights(model, self.net.to_proto(p.snapshot_diff))
             state = snapshot.SolverStateData(self.iter, model, [h.data for h in self.history],
                                              self.current_step)
             log.info("Snapshotting solver state to %s %s", kind, state_path,
@@ -636,7 +627,7 @@ class Solver:
                                   f"needs {blob.count} {blob.shape}", file=str(state_file))
         if state.learned_net:
             weights = snapshot.resolve_learned_net(state.learned_net, state_file)
-            snapshot.load_weights(self.net, weights)
+            self.net.copy_from(weights)
         self.iter = int(state.iter)
         self.current_step = int(state.current_step)
         log.info("SGDSolver: restoring history", extra=at("sgd_solver.cpp:341"))
