@@ -39,9 +39,11 @@ log = logging.getLogger("netengine.report")
 
 
 def solver_settings(lines: list[str]) -> caffe_pb2.SolverParameter | None:
-    """The SolverParameter a log prints at its start (Caffe: one field a line after the glog
-    line; netengine: all on the glog line), or None where it is absent or unreadable."""
-    for k, line in enumerate(lines):
+    """The SolverParameter a log prints as a run starts (Caffe: one field a line after the glog
+    line; netengine: all on the glog line), of the log's last run; None where it is absent or
+    unreadable."""
+    for k in range(len(lines) - 1, -1, -1):
+        line = lines[k]
         if _SETTINGS not in line:
             continue
         text = [line.split(_SETTINGS, 1)[1]]
