@@ -237,7 +237,7 @@ VIEW_STYLE = """
               for f in FAMILY_COLOURS) + "".join(
     f".chip.fam-{f} {{ background: var(--{f}); }}\n" for f in FAMILY_COLOURS) + """
 .layout { display: grid; grid-template-columns: minmax(0, 1fr) minmax(240px, 340px); gap: 1rem; }
-@media (max-width: 760px) { .layout { grid-template-columns: 1fr; } }
+@media (max-width: 760px) { .layout { grid-template-columns: minmax(0, 1fr); } }
 #details { position: sticky; top: .5rem; align-self: start; border: 1px solid var(--border);
   border-radius: 6px; padding: .6rem; background: var(--panel); min-width: 0; }
 ol.levels { list-style: none; margin: 0; padding: 0; }

@@ -24,7 +24,8 @@ STYLE = """
 * { box-sizing: border-box; }
 body { margin: 0; padding: 1rem; background: var(--bg); color: var(--fg);
   font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
-h1 { font-size: 1.3rem; margin: 0 0 .4rem; word-break: break-all; }
+h1 { font-size: 1.3rem; margin: 0 0 .4rem; }
+header { overflow-wrap: anywhere; }
 h2 { font-size: 1rem; margin: 1rem 0 .4rem; }
 .muted { color: var(--muted); }
 .totals { display: flex; flex-wrap: wrap; gap: .4rem 1.2rem; margin: .4rem 0 1rem; padding: 0;
