@@ -118,6 +118,7 @@ def test_report_refreshes_while_the_run_is_alive_then_stops(trained):
 def test_report_shows_progress_speed_and_the_solver(trained):
     _, report, _ = trained
     page = report.read_text()
+    assert "<h1>Training tiny_mnist</h1>" in page  # the net's name, from the "Solving" line
     assert "iteration: <b" in page and "12 of 12" in page
     speed = re.search(r"iterations/s: <b[^>]*>([\d.e+-]+)</b>", page)
     assert speed and float(speed.group(1)) > 0

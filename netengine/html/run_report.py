@@ -33,6 +33,7 @@ from netengine.proto import caffe_pb2
 RELOAD_SECONDS = 5
 _SETTINGS = "Initializing solver from parameters:"
 _GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
+_SOLVING = re.compile(r"\bSolving (.+)$")
 _ITERATION = re.compile(r"\bIteration (\d+)")
 _DONE = ("Optimization Done", "Optimization stopped early")
 log = logging.getLogger("netengine.report")
@@ -149,7 +150,9 @@ def build_report(lines: list[str], *, title: str, alive: bool = False,
              ("iterations/s", fmt(speed) if math.isfinite(speed) else "n/a"),
              ("updated", datetime.now().strftime("%Y-%m-%d %H:%M:%S"))]
     drawn = charts(tables)
-    body = (f"<header><h1>{esc(title)}</h1>"
+    solving = next((m for m in map(_SOLVING.search, reversed(lines)) if m), None)
+    heading = f"Training {solving.group(1).strip()}" if solving else title
+    body = (f"<header><h1>{esc(heading)}</h1><div class=\"muted\">{esc(title)}</div>"
             '<ul class="totals">' + "".join(
                 f'<li>{esc(k)}: <b class="{"state " + state if k == "state" else ""}">'
                 f"{esc(v)}</b></li>" for k, v in facts) + "</ul></header>"
@@ -157,7 +160,7 @@ def build_report(lines: list[str], *, title: str, alive: bool = False,
                '<p class="muted">No train or test outputs logged yet.</p>')
             + f"<h2>Solver</h2>{_settings_table(settings)}")
     head = f'<meta http-equiv="refresh" content="{RELOAD_SECONDS}">\n' if alive else ""
-    return page(f"{title}: training report", body, head=head, style=REPORT_STYLE)
+    return page(f"{heading}: training report", body, head=head, style=REPORT_STYLE)
 
 
 def write_log_report(log_path, out_path) -> caffe_log.LogTables:
