@@ -224,6 +224,7 @@ def layered_list(view: NetView) -> str:
 # -- the page ----------------------------------------------------------------------------------
 VIEW_STYLE = """
 .graph { overflow: auto; max-height: 80vh; border: 1px solid var(--border); border-radius: 6px; }
+.graph svg { display: block; margin: 0 auto; }
 .graph svg text { fill: var(--fg); }
 .graph .edge path, .graph .edge polygon { stroke: var(--muted); }
 .graph .edge polygon { fill: var(--muted); }
