@@ -128,8 +128,23 @@ def last_iteration(lines: list[str]) -> int:
 REPORT_STYLE = """
 .settings th { font-weight: 600; white-space: nowrap; }
 .settings td code { word-break: break-all; }
-.state.alive { color: var(--rate); }
+.state.running { color: var(--rate); }
 """
+
+
+def _facts(lines: list[str], tables: caffe_log.LogTables, settings, alive: bool,
+           end_year: int | None) -> list[tuple[str, str]]:
+    """The header line: state, iteration (of max_iter), elapsed, speed, time of writing."""
+    last, speed = last_iteration(lines), _speed(tables)
+    max_iter = settings.max_iter if settings is not None and settings.HasField("max_iter") \
+        else None
+    state = "running" if alive else "finished" if any(
+        marker in line for line in lines[-50:] for marker in _DONE) else "ended"
+    return [("state", state),
+            ("iteration", f"{last:,}" + (f" of {max_iter:,}" if max_iter else "")),
+            ("elapsed", _duration(caffe_log.span_seconds(lines, end_year))),
+            ("iterations/s", fmt(speed) if math.isfinite(speed) else "n/a"),
+            ("updated", datetime.now().strftime("%Y-%m-%d %H:%M:%S"))]
 
 
 def build_report(lines: list[str], *, title: str, alive: bool = False,
@@ -138,23 +153,13 @@ def build_report(lines: list[str], *, title: str, alive: bool = False,
     """The report page of a log's lines (``alive``: the run goes on; the page reloads)."""
     tables = caffe_log.parse_lines(lines, end_year)
     settings = settings if settings is not None else solver_settings(lines)
-    elapsed, last, speed = (caffe_log.span_seconds(lines, end_year), last_iteration(lines),
-                            _speed(tables))
-    max_iter = settings.max_iter if settings is not None and settings.HasField("max_iter") \
-        else None
-    state = "running" if alive else "finished" if any(
-        marker in line for line in lines[-50:] for marker in _DONE) else "ended"
-    facts = [("state", state), ("iteration", f"{last:,}" + (f" of {max_iter:,}" if max_iter
-                                                            else "")),
-             ("elapsed", _duration(elapsed)),
-             ("iterations/s", fmt(speed) if math.isfinite(speed) else "n/a"),
-             ("updated", datetime.now().strftime("%Y-%m-%d %H:%M:%S"))]
+    facts = _facts(lines, tables, settings, alive, end_year)
     drawn = charts(tables)
     solving = next((m for m in map(_SOLVING.search, reversed(lines)) if m), None)
     heading = f"Training {solving.group(1).strip()}" if solving else title
     body = (f"<header><h1>{esc(heading)}</h1><div class=\"muted\">{esc(title)}</div>"
             '<ul class="totals">' + "".join(
-                f'<li>{esc(k)}: <b class="{"state " + state if k == "state" else ""}">'
+                f'<li>{esc(k)}: <b class="{"state " + v if k == "state" else ""}">'
                 f"{esc(v)}</b></li>" for k, v in facts) + "</ul></header>"
             + (f'<section class="charts">{"".join(drawn)}</section>' if drawn else
                '<p class="muted">No train or test outputs logged yet.</p>')
