@@ -101,7 +101,7 @@ def _set_params(layer_param) -> str:
 def describe(net) -> NetView:
     """The view of a constructed Net: boxes with edges resolved through the hidden splits."""
     tally = summary.summarize(net)
-    rows = {row.name: row for row in tally.rows}
+    rows = iter(tally.rows)  # one per layer but the automatic splits, in order
     alias: dict[str, str] = {}  # a split's top → the blob it copies
     latest: dict[str, int] = {}  # blob → index of the box that last wrote it
     boxes: list[Box] = []
@@ -110,7 +110,7 @@ def describe(net) -> NetView:
         if layer.type == "Split" and _AUTO_SPLIT.match(layer.name):
             alias.update({top: bottoms[0] for top in net.top_ids[i]})
             continue
-        row = rows[layer.name]
+        row = next(rows)
         box = Box(len(boxes), layer.name, layer.type,
                   [(name, shape_text(shape)) for name, shape in row.tops], bottoms,
                   row.params, row.shared_params, row.macs,
