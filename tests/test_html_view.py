@@ -102,6 +102,18 @@ def test_without_dot_the_fallback_is_used(monkeypatch):
     assert depth["mnist"] == 0
 
 
+def test_input_fields_are_drawn_as_the_input_layer_caffe_makes_of_them(tmp_path):
+    fields = tmp_path / "fields.prototxt"
+    fields.write_text('name: "f"\ninput: "data"\ninput_shape { dim: 2 dim: 3 dim: 8 dim: 8 }\n'
+                      'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"\n'
+                      '  convolution_param { num_output: 4 kernel_size: 3 } }\n')
+    view = net_view.describe(summary.build(fields))
+    assert [(b.name, b.type, b.tops) for b in view.boxes][0] == (
+        "input", "Input", [("data", "2×3×8×8")])
+    dot = net_view.to_dot(view)
+    assert 'L0 -> L1 [label="data"];' in dot and "ellipse" not in dot
+
+
 def test_page_is_self_contained():
     page = net_view.build_page(build("bn"), use_dot=HAVE_DOT)
     assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:|//)""", page)

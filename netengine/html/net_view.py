@@ -138,10 +138,6 @@ def to_dot(view: NetView) -> str:
              '  node [shape=box, style="rounded,filled", fillcolor="#eeeeee", fontsize=10, '
              'fontname="Helvetica", margin="0.12,0.05"];',
              '  edge [fontsize=9, fontname="Helvetica", arrowsize=0.6];']
-    input_ids = {name: f"I{k}" for k, name in enumerate(view.inputs)}
-    for name, shape in view.inputs.items():
-        lines.append(f"  {input_ids[name]} [id={_dot_quote('input-' + name)}, shape=ellipse, "
-                     f"label={_dot_quote(name + chr(10) + shape_text(shape))}];")
     for box in view.boxes:
         label = [box.name, box.type] + [
             shape if top == box.name or len(box.tops) == 1 else f"{top}: {shape}"
@@ -149,10 +145,6 @@ def to_dot(view: NetView) -> str:
         style = ', style="rounded,filled,dashed"' if box.inplace else ""
         lines.append(f"  L{box.index} [id=\"L{box.index}\", "
                      f"label={_dot_quote(chr(10).join(label))}{style}];")
-        sources = {b for _, b in box.sources}
-        for b in box.bottoms:
-            if b not in sources and b in input_ids:
-                lines.append(f"  {input_ids[b]} -> L{box.index};")
         for source, blob in box.sources:
             producer = view.boxes[source]
             shown = "" if blob == producer.name or producer.inplace else \
@@ -230,7 +222,6 @@ VIEW_STYLE = """
 .graph .edge polygon { fill: var(--muted); }
 .graph .node.layer { cursor: pointer; }
 .graph .node:focus { outline: none; }
-.graph .node ellipse { fill: var(--panel); stroke: var(--muted); }
 .graph .node path, .graph .node polygon { stroke: var(--border); }
 .graph .node.selected path, .graph .node.selected polygon { stroke: var(--fg); stroke-width: 2; }
 """ + "".join(f".graph .fam-{f} path, .graph .fam-{f} polygon, .box.fam-{f} "
