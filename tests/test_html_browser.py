@@ -78,7 +78,12 @@ def screenshot_path(tmp_path: Path, name: str) -> Path:
 
 
 def write_view(tmp_path: Path, key: str, use_dot: bool, phase: str = "TRAIN"):
-    net = summary.build(REPO / NETS[key], summary.PHASES[phase])
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the page names the file as given: relative to the repository
+    try:
+        net = summary.build(NETS[key], summary.PHASES[phase])
+    finally:
+        os.chdir(cwd)
     path = tmp_path / f"{key}.html"
     path.write_text(net_view.build_page(net, use_dot=use_dot), encoding="utf-8")
     return net, path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -36,11 +37,11 @@ def tiny_mnist_solver(folder: Path, max_iter: int = 12) -> Path:
     """A one-layer MNIST classifier trained for a few iterations: outputs at every display
     (2) and test (4) step, a step learning rate that halves at 6."""
     (folder / "net.prototxt").write_text(TINY_MNIST % {"data": REPO / "data/mnist"})
-    solver = folder / "solver.prototxt"
-    solver.write_text(f'net: "{folder / "net.prototxt"}"\ntest_iter: 2\ntest_interval: 4\n'
+    solver = folder / "solver.prototxt"  # paths relative to ``folder``: run it from there
+    solver.write_text('net: "net.prototxt"\ntest_iter: 2\ntest_interval: 4\n'
                       'base_lr: 0.05\nmomentum: 0.9\nlr_policy: "step"\nstepsize: 6\n'
                       f'gamma: 0.5\ndisplay: 2\nmax_iter: {max_iter}\nrandom_seed: 5\n'
-                      f'snapshot_prefix: "{folder / "snap"}"\n')
+                      'snapshot_prefix: "snap"\n')
     return solver
 
 
@@ -84,9 +85,12 @@ def trained(tmp_path_factory):
         handler.setFormatter(GlogFormatter())
         logger.addHandler(handler)
         run_report.write_atomic = recording
+        cwd = os.getcwd()
+        os.chdir(folder)  # the solver's paths are relative, as in Caffe's examples
         try:
-            status = train_cli.main(["--solver", str(solver), "--report", str(report)])
+            status = train_cli.main(["--solver", solver.name, "--report", str(report)])
         finally:
+            os.chdir(cwd)
             run_report.write_atomic = original
             logger.removeHandler(handler)
     assert status == 0
