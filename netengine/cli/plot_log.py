@@ -29,7 +29,9 @@ def _chart_list() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="plot_log", description="Plot training logs: " + _chart_list() + ".")
+        prog="plot_log", description="Plot training logs: " + _chart_list() + ".",
+        epilog="plot_log LOG --html REPORT.html writes instead the HTML training report of LOG "
+               "(no matplotlib needed).")
     parser.add_argument("chart_type", type=int, choices=sorted(caffe_log.CHART_TYPES),
                         metavar="CHART_TYPE", help="0-7 (see above)")
     parser.add_argument("out", metavar="OUT", help="image to write (.png, .svg, .pdf, ...)")

@@ -188,28 +188,28 @@ def depths(view: NetView) -> list[int]:
     return depth
 
 
+def _list_box(view: NetView, box: Box) -> str:
+    """One box of the layered list: name, type, top shapes and where its bottoms come from."""
+    sources = ", ".join(view.boxes[s].name + (f" ({b})" if b != view.boxes[s].name else "")
+                        for s, b in box.sources) or ", ".join(box.bottoms)
+    tops = "".join(f'<div class="shape">{esc(t + ": ") if len(box.tops) > 1 else ""}'
+                   f"{esc(s)}</div>" for t, s in box.tops)
+    marks = " inplace" if box.inplace else ""
+    return (f'<div class="layer box fam-{box.family}{marks}" data-layer="{esc(box.name)}" '
+            f'data-index="{box.index}" tabindex="0"><div class="name">{esc(box.name)}</div>'
+            f'<div class="type">{esc(box.type)}{" (in-place)" if box.inplace else ""}</div>'
+            f"{tops}" + (f'<div class="from">← {esc(sources)}</div>' if sources else "") +
+            "</div>")
+
+
 def layered_list(view: NetView) -> str:
     """The fallback layout: one row per depth, boxes wrapping on narrow screens."""
     levels: dict[int, list[Box]] = {}
     for box, level in zip(view.boxes, depths(view)):
         levels.setdefault(level, []).append(box)
-    rows = []
-    for level in sorted(levels):
-        cells = []
-        for box in levels[level]:
-            inputs = ", ".join(f"{view.boxes[s].name}" + (f" ({b})" if b != view.boxes[s].name
-                                                          else "") for s, b in box.sources)
-            inputs = inputs or ", ".join(box.bottoms)
-            tops = "".join(f'<div class="shape">{esc(t + ": ") if len(box.tops) > 1 else ""}'
-                           f"{esc(s)}</div>" for t, s in box.tops)
-            marks = " inplace" if box.inplace else ""
-            cells.append(
-                f'<div class="layer box fam-{box.family}{marks}" data-layer="{esc(box.name)}" '
-                f'data-index="{box.index}" tabindex="0"><div class="name">{esc(box.name)}</div>'
-                f'<div class="type">{esc(box.type)}{" (in-place)" if box.inplace else ""}</div>'
-                f"{tops}" + (f'<div class="from">← {esc(inputs)}</div>' if inputs else "") +
-                "</div>")
-        rows.append(f'<li class="level" data-depth="{level}">{"".join(cells)}</li>')
+    rows = [f'<li class="level" data-depth="{level}">'
+            f'{"".join(_list_box(view, box) for box in levels[level])}</li>'
+            for level in sorted(levels)]
     return f'<ol class="levels">{"".join(rows)}</ol>'
 
 
