@@ -107,7 +107,10 @@ def test_report_has_a_series_per_output_with_the_logs_points(trained):
 
 
 def test_report_refreshes_while_the_run_is_alive_then_stops(trained):
-    _, report, writes = trained
+    log_path, report, writes = trained
+    done = re.search(r"^I\d{4} [\d:.]+ +\d+ run_report\.py:\d+\] Report \S+run\.html: "
+                     r"(\d+) refreshes, [\d.]+ s in all$", log_path.read_text(), re.M)
+    assert done and int(done.group(1)) == len(writes)  # a glog line Caffe's tools can read
     reload = 'http-equiv="refresh"'
     # a first page at once, then one after each display (6) and test (4) step, and the last
     assert len(writes) >= 1 + 6 + 3

@@ -27,7 +27,7 @@ from netengine.errors import NetEngineError
 from netengine.formats import caffe_log
 from netengine.formats.prototxt import write_atomic
 from netengine.html.svg import esc, line_chart, page
-from netengine.logging_glog import LOGGER_NAME, GlogFormatter, at, fmt
+from netengine.logging_glog import LOGGER_NAME, GlogFormatter, fmt
 from netengine.proto import caffe_pb2
 
 RELOAD_SECONDS = 5
@@ -238,4 +238,4 @@ def live_report(path, title: str, settings: caffe_pb2.SolverParameter | None = N
         logger.removeHandler(report)
         report.refresh(alive=False)
         log.info("Report %s: %d refreshes, %.3f s in all", report.path, report.refreshes,
-                 report.seconds, extra=at("run_report.py"))
+                 report.seconds)
