@@ -2,7 +2,7 @@
 
     tools/train --solver S.prototxt [--weights W.caffemodel[,W2...] | --snapshot X.solverstate]
                 [--gpu ID] [--level N] [--stage a,b] [--sigint_effect stop|snapshot|none]
-                [--sighup_effect stop|snapshot|none] [--max_iter N]
+                [--sighup_effect stop|snapshot|none] [--max_iter N] [--report RUN.html]
 
 Logs in Caffe's glog format on stderr (Caffe's tools/extra/parse_log.py reads them), with a
 progress bar when stderr is a terminal and tqdm is installed.
@@ -17,6 +17,10 @@ CuPy or the GPU is missing. Without ``--gpu``, a solver file's explicit ``solver
 (Caffe's lenet_solver has one) uses ``device_id`` when a GPU is usable and falls back to CPU
 with a warning otherwise, so Caffe's own solver files run unmodified on CPU-only machines.
 
+``--report RUN.html`` (netengine only) writes a self-contained HTML report of the run (loss,
+test outputs and learning rate against iterations, speed, the solver's settings), rewritten at
+every display and test step; it reloads itself in the browser until the run ends.
+
 ``--max_iter`` (netengine only) overrides the solver's max_iter, e.g. for a short check run.
 As ``caffe train`` does, ``--level`` (default 0) replaces the solver's train_state level and
 ``--stage`` adds to its stages. Caffe's single-dash spelling (``-solver S``) works too.
@@ -30,6 +34,7 @@ import signal
 from netengine import backend
 from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
 from netengine.errors import NetEngineError
+from netengine.html.run_report import live_report
 from netengine.logging_glog import at, progress
 from netengine.proto import caffe_pb2
 
@@ -55,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what SIGHUP does (default snapshot)")
     parser.add_argument("--max_iter", type=int, default=None,
                         help="override the solver's max_iter (netengine extension)")
+    parser.add_argument("--report", default="", metavar="RUN.html",
+                        help="write a live HTML report of the run (netengine extension)")
     return parse_caffe_args(parser, argv)
 
 
@@ -143,10 +150,12 @@ def train(args) -> int:
         param.weights.append(args.weights)
     solver = get_solver(param, solver_file=args.solver)
     with SignalHandler(args.sigint_effect, args.sighup_effect) as handler, \
-            progress(param.max_iter, solver.iter) as bar:
+            progress(param.max_iter, solver.iter) as bar, \
+            live_report(args.report, args.solver, param) as report:
         solver.set_action_function(handler.action)
         solver.add_callback(lambda: None, lambda: bar.goto(solver.iter + 1,
                                                            loss=solver.smoothed_loss))
+        solver.add_callback(report.refresh, lambda: None)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot, extra=at("caffe.cpp:250"))
         log.info("Starting Optimization", extra=at("caffe.cpp:254"))

@@ -134,6 +134,17 @@ def parse_lines(lines: list[str], end_year: int | None = None) -> LogTables:
     return tables
 
 
+def span_seconds(lines: list[str], end_year: int | None = None) -> float:
+    """Seconds from the run's start (its ``Solving`` line, else the first time stamp) to the
+    last time stamp: a log's elapsed time (0 without stamps)."""
+    times = _stamps(lines, end_year or datetime.now().year)
+    stamped = [(line, t) for line, t in zip(lines, times) if t is not None]
+    if not stamped:
+        return 0.0
+    start = next((t for line, t in stamped if "Solving " in line), stamped[0][1])
+    return max(0.0, (stamped[-1][1] - start).total_seconds())
+
+
 def parse_log(path, end_year: int | None = None) -> LogTables:
     """Parse a log file; the year defaults to that of the file's modification time."""
     path = Path(path)
