@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 
 from netengine import cli, summary
+from netengine.cli import parse_caffe_args
 from netengine.errors import DataSourceError, NetEngineError
 
 
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "comma-separated and/or the flag repeated")
     parser.add_argument("--show-splits", action="store_true",
                         help="also list the Split layers inserted automatically")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 @dataclass

@@ -28,7 +28,15 @@ import logging
 import signal
 
 from netengine import backend
-from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
+from netengine.cli import (
+    add_common_flags,
+    gpu_id,
+    parse_caffe_args,
+    require,
+    run,
+    stages,
+    use_device,
+)
 from netengine.errors import NetEngineError
 from netengine.logging_glog import at, progress
 from netengine.proto import caffe_pb2
@@ -48,14 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                              ".h5); overrides the solver's 'weights'")
     parser.add_argument("--snapshot", default="",
                         help="a .solverstate (or .solverstate.h5) to resume training from")
-    add_common_flags(parser)
+    add_common_flags(parser, gpu_help="run on this GPU id (needs CuPy); 'all' means GPU 0 here. "
+                                      "Default: the solver's solver_mode/device_id")
     parser.add_argument("--sigint_effect", default="stop", choices=EFFECTS,
                         help="what SIGINT (Ctrl-C) does (default stop: snapshot, then stop)")
     parser.add_argument("--sighup_effect", default="snapshot", choices=EFFECTS,
                         help="what SIGHUP does (default snapshot)")
     parser.add_argument("--max_iter", type=int, default=None,
                         help="override the solver's max_iter (netengine extension)")
-    return parse_caffe_args(parser, argv)
+    args = parse_caffe_args(parser, argv)
+    require(parser, args.solver, "need a solver definition to train: give --solver")
+    return args
 
 
 class SignalHandler:
@@ -122,8 +133,6 @@ def _device(args, param) -> int | None:
 def train(args) -> int:
     from netengine.solvers import get_solver, read_solver_param
 
-    if not args.solver:
-        raise NetEngineError("need a solver definition to train: give --solver")
     if args.snapshot and args.weights:
         raise NetEngineError("give a snapshot to resume training (--snapshot) or weights to "
                              "fine-tune (--weights), not both")
