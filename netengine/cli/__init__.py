@@ -19,6 +19,7 @@ from netengine.errors import NetEngineError
 from netengine.logging_glog import at, emit_error, install
 
 log = logging.getLogger("netengine.cli")
+PROG_PREFIX = ""  # "netengine " while the umbrella command runs a tool: usage says so
 
 
 def add_common_flags(parser: argparse.ArgumentParser, phase_default: str | None = None,
@@ -63,6 +64,8 @@ def parse_caffe_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Nam
     """``parser.parse_args`` that also takes Caffe's gflags spelling of long options and both
     word separators, so command lines copied from Caffe's docs work."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if PROG_PREFIX and not parser.prog.startswith(PROG_PREFIX):
+        parser.prog = PROG_PREFIX + parser.prog
     known = {opt for action in parser._actions for opt in action.option_strings}
     end = argv.index("--") if "--" in argv else len(argv)
     argv[:end] = [caffe_spelling(token, known) for token in argv[:end]]
