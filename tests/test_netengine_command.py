@@ -88,3 +88,12 @@ def test_python_dash_m_and_the_tools_wrapper():
 def test_console_script_is_declared():
     text = (REPO / "pyproject.toml").read_text()
     assert 'netengine = "netengine.cli.main:main"' in text
+
+
+def test_summarize_layers_lists_every_type_once(capsys):
+    from netengine.layers import layer_type_list
+
+    assert umbrella.main(["summarize", "--layers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == layer_type_list()
+    assert all(len(line.split()) > 1 for line in lines)

@@ -5,6 +5,7 @@ inside a ``layer { }`` block, that layer's name and type.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tempfile
@@ -80,12 +81,75 @@ def _block_at(text: str, line: int) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _describe_parse_error(message: str) -> str:
+def open_blocks(text: str, offset: int | None = None) -> list[tuple[str, int]]:
+    """``(keyword, line)`` of each ``keyword {`` block still open at ``offset`` (default: the
+    end of the text), outermost first."""
+    stack: list[tuple[str, int]] = []
+    previous = ""
+    for match in _TOKEN.finditer(text, 0, len(text) if offset is None else offset):
+        token = match.group()
+        if token[0] in "#\"'":
+            previous = ""
+            continue
+        if token in "{<":
+            stack.append((previous or token, text.count("\n", 0, match.start()) + 1))
+        elif token in "}>":
+            if stack:
+                stack.pop()
+        previous = token
+    return stack
+
+
+def _offset(text: str, line: int, column: int) -> int:
+    """The character offset of 1-based ``line``/``column`` (protobuf's error position)."""
+    starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    return starts[min(line, len(starts)) - 1] + max(column - 1, 0)
+
+
+def _unclosed(text: str, err: text_format.ParseError) -> NetSyntaxError | None:
+    """Where a brace is missing: protobuf reports the end of the file (``Expected "}"``) or the
+    next ``layer {``, which it reads as an unknown field of the unclosed layer."""
+    message = str(err)
+    line, column = err.GetLine(), err.GetColumn()
+    at_end = 'Expected "}"' in message or 'Expected ">"' in message
+    found = _UNKNOWN_FIELD.search(message)
+    stray_layer = found is not None and found.group(2) in ("layer", "layers")
+    if not (at_end or stray_layer) or not line:
+        return None
+    stack = open_blocks(text, None if at_end else _offset(text, line, column))
+    if not stack:
+        return None
+    keyword, opened = stack[0]
+    where = "the end of the file" if at_end else f"line {line}"
+    return NetSyntaxError(f"'{keyword} {{' opened here is never closed (a '}}' is missing "
+                          f"before {where})", line=opened)
+
+
+def _field_hint(pool, msg_type: str, name: str) -> str:
+    """``did you mean 'x'?`` for a misspelt field: the nearest field of the same message, or the
+    sub-message that holds a field of exactly that name (num_output -> convolution_param)."""
+    try:
+        descriptor = pool.FindMessageTypeByName(f"caffe.{msg_type}")
+    except KeyError:
+        return ""
+    names = [f.name for f in descriptor.fields]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    holders = [f.name for f in descriptor.fields if f.message_type is not None
+               and name in f.message_type.fields_by_name][:3]
+    if holders:
+        return f"; did you mean {' or '.join(f'{h} {{ {name} }}' for h in holders)}?"
+    return ""
+
+
+def _describe_parse_error(message: str, pool=None) -> str:
     found = _UNKNOWN_FIELD.search(message)
     if found:
         msg_type, name = found.groups()
+        hint = _field_hint(pool, msg_type, name) if pool is not None else ""
         return (f"BVLC Caffe's {msg_type} has no field '{name}' (a misspelling, or a field "
-                f"from a Caffe fork)")
+                f"from a Caffe fork){hint}")
     return re.sub(r"^\d+:\d+\s*:\s*", "", message)
 
 
@@ -94,10 +158,14 @@ def parse_text(text: str, message: pb_message.Message, file: str | None = None):
     try:
         text_format.Merge(text, message)
     except text_format.ParseError as err:
+        unclosed = _unclosed(text, err)
+        if unclosed is not None:
+            raise unclosed.with_context(file=file) from None
         line, column = err.GetLine(), err.GetColumn()
         name, kind = _block_at(text, line) if line else (None, None)
-        raise NetSyntaxError(_describe_parse_error(str(err)), file=file, line=line,
-                             column=column, layer=name, layer_type=kind) from None
+        described = _describe_parse_error(str(err), message.DESCRIPTOR.file.pool)
+        raise NetSyntaxError(described, file=file, line=line, column=column, layer=name,
+                             layer_type=kind) from None
     return message
 
 
