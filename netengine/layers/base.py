@@ -77,6 +77,10 @@ class Layer:
     equal_bottom_top: bool = False
     auto_top_blobs: bool = False  # may leave its tops unnamed: the net names them
     allows_inplace: bool = True  # Flatten/Reshape share memory, so they refuse top == bottom
+    # In place, a later in-place layer with ``rewrites_in_place`` changes the values that an
+    # earlier one with ``backward_reads_output`` reads in its backward: the net warns.
+    backward_reads_output: bool = False
+    rewrites_in_place: bool = False
     is_input: bool = False  # tops are net inputs (Input layer)
     pad_loss_weights: bool = False  # extra tops (e.g. probabilities) get loss weight 0
     search_dirs: tuple = ()  # folders for relative paths (the net sets the prototxt's folder)
