@@ -117,6 +117,15 @@ def test_parse_log_cli_reads_the_year_prefix(tmp_path, capsys):
     assert "nan" not in train[1].split(",")[1]
 
 
+def test_plot_log_charts_seconds_of_a_year_prefixed_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "new_glog.log"
+    path.write_text(_with_year(SYNTHETIC))
+    curves = caffe_log.plot_logs(1, tmp_path / "acc.png", [path])  # Test accuracy vs. Seconds
+    assert curves == [(str(path), "accuracy")]
+    assert (tmp_path / "acc.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_netengine_glog_lines_parse():
     """Lines written through netengine's glog formatter are read like Caffe's."""
     from netengine import logging_glog
