@@ -97,3 +97,29 @@ def test_summarize_layers_lists_every_type_once(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == layer_type_list()
     assert all(len(line.split()) > 1 for line in lines)
+
+
+FILE_ERRORS = ["summarize --model nope.prototxt", "draw_net nope.prototxt out.png",
+               "parse_log nope.log .", "plot_log 0 out.png nope.log",
+               "upgrade_net nope.prototxt out.prototxt",
+               "upgrade_solver nope.prototxt out.prototxt", "convert_mnist nope1 nope2 db",
+               "export_onnx --model nope.prototxt -o x.onnx",
+               "test --model nope.prototxt --weights nope", "time --model nope.prototxt",
+               "train --solver nope.prototxt"]
+
+
+@pytest.mark.parametrize("line", FILE_ERRORS)
+def test_file_errors_exit_1_with_one_line(line, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert umbrella.main(line.split()) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nope" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ISSUE_COMMANDS)
+def test_unknown_flag_is_a_usage_error(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        umbrella.main([name, "--no-such-flag"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err  # argparse names missing arguments first, where any
+    assert f"netengine {name}: error: " in err and "Traceback" not in err
