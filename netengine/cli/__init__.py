@@ -69,7 +69,13 @@ def parse_caffe_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Nam
     known = {opt for action in parser._actions for opt in action.option_strings}
     end = argv.index("--") if "--" in argv else len(argv)
     argv[:end] = [caffe_spelling(token, known) for token in argv[:end]]
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "gpu", ""):
+        try:
+            gpu_id(args.gpu)
+        except NetEngineError as err:
+            parser.error(str(err))
+    return args
 
 
 def require(parser: argparse.ArgumentParser, value, message: str) -> None:

@@ -37,7 +37,6 @@ from netengine.cli import (
     stages,
     use_device,
 )
-from netengine.errors import NetEngineError
 from netengine.logging_glog import at, progress
 from netengine.proto import caffe_pb2
 
@@ -66,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override the solver's max_iter (netengine extension)")
     args = parse_caffe_args(parser, argv)
     require(parser, args.solver, "need a solver definition to train: give --solver")
+    if args.snapshot and args.weights:
+        parser.error("give a snapshot to resume training (--snapshot) or weights to fine-tune "
+                     "(--weights), not both")
+    if args.max_iter is not None and args.max_iter < 0:
+        parser.error(f"--max_iter must be >= 0, got {args.max_iter}")
     return args
 
 
@@ -133,11 +137,6 @@ def _device(args, param) -> int | None:
 def train(args) -> int:
     from netengine.solvers import get_solver, read_solver_param
 
-    if args.snapshot and args.weights:
-        raise NetEngineError("give a snapshot to resume training (--snapshot) or weights to "
-                             "fine-tune (--weights), not both")
-    if args.max_iter is not None and args.max_iter < 0:
-        raise NetEngineError(f"--max_iter must be >= 0, got {args.max_iter}")
     param = read_solver_param(args.solver)
     param.train_state.level = args.level  # always, as caffe train does (default 0)
     if stages(args.stage):
