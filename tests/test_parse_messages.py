@@ -78,3 +78,22 @@ def test_open_blocks_skips_strings_and_comments():
     text = 'layer {\n  name: "{"  # }\n  param {\n    lr_mult: 1\n  }\n'
     assert open_blocks(text) == [("layer", 1)]
     assert open_blocks(text, text.index("lr_mult")) == [("layer", 1), ("param", 3)]
+
+
+def test_unknown_enum_value_lists_the_values(tmp_path):
+    text = DEPLOY.replace("pool: MAX", "pool: MAXX", 1)
+    message = _error(tmp_path, text)
+    assert "PoolingParameter.PoolMethod has no value 'MAXX'; did you mean 'MAX'?" in message
+    assert message.endswith("the values are MAX, AVE, STOCHASTIC")
+
+
+def test_one_closing_brace_too_many(tmp_path):
+    lines = DEPLOY.splitlines()
+    at = _layer_lines(DEPLOY)[1] - 1  # insert a stray '}' before the second layer
+    message = _error(tmp_path, "\n".join(lines[:at] + ["}"] + lines[at:]) + "\n")
+    assert f"net.prototxt:{at + 1}:1: this '}}' closes no block" in message
+
+
+def test_protobufs_copy_of_the_line_is_dropped(tmp_path):
+    message = _error(tmp_path, DEPLOY.replace("num_output: 20", "num_output: twenty", 1))
+    assert message.endswith("layer 'conv1' (Convolution): Couldn't parse integer: twenty")

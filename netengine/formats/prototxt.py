@@ -21,6 +21,7 @@ _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|#[^\n]*|[{}<>]|
 _NAME = re.compile(r'\bname\s*:\s*"([^"]*)"')
 _TYPE = re.compile(r'\btype\s*:\s*"?([A-Za-z_0-9]+)"?')
 _UNKNOWN_FIELD = re.compile(r'Message type "caffe\.(\w+)" has no field named "(\w+)"')
+_UNKNOWN_VALUE = re.compile(r'Enum type "caffe\.([\w.]+)" has no value named (\w+)')
 
 
 @dataclass
@@ -125,6 +126,25 @@ def _unclosed(text: str, err: text_format.ParseError) -> NetSyntaxError | None:
                           f"before {where})", line=opened)
 
 
+def _without_echo(message: str, text: str, line: int | None) -> str:
+    """protobuf's message less its copy of the source line (the file:line:column says where)."""
+    lines = text.splitlines()
+    if line and line <= len(lines):
+        return message.replace(f"'{lines[line - 1]}': ", "", 1)
+    return message
+
+
+def _stray_close(text: str, err: text_format.ParseError) -> NetSyntaxError | None:
+    """A ``}`` that closes no block: protobuf only says it expected a field name."""
+    line, column = err.GetLine(), err.GetColumn()
+    if not line or not re.search(r"got [}>]\.?$", str(err)):
+        return None
+    if open_blocks(text, _offset(text, line, column)):
+        return None
+    return NetSyntaxError("this '}' closes no block (one '}' too many, or its block's '{' is "
+                          "missing)", line=line, column=column)
+
+
 def _field_hint(pool, msg_type: str, name: str) -> str:
     """``did you mean 'x'?`` for a misspelt field: the nearest field of the same message, or the
     sub-message that holds a field of exactly that name (num_output -> convolution_param)."""
@@ -150,7 +170,22 @@ def _describe_parse_error(message: str, pool=None) -> str:
         hint = _field_hint(pool, msg_type, name) if pool is not None else ""
         return (f"BVLC Caffe's {msg_type} has no field '{name}' (a misspelling, or a field "
                 f"from a Caffe fork){hint}")
+    found = _UNKNOWN_VALUE.search(message)
+    if found and pool is not None:
+        return _enum_hint(pool, *found.groups())
     return re.sub(r"^\d+:\d+\s*:\s*", "", message)
+
+
+def _enum_hint(pool, enum_type: str, value: str) -> str:
+    """An unknown enum value (``pool: MAXX``, ``phase: TESTING``) and the values there are."""
+    try:
+        names = [v.name for v in pool.FindEnumTypeByName(f"caffe.{enum_type}").values]
+    except KeyError:
+        names = []
+    close = difflib.get_close_matches(value.upper(), names, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (f"BVLC Caffe's {enum_type} has no value '{value}'; {hint}"
+            f"the values are {', '.join(names)}")
 
 
 def parse_text(text: str, message: pb_message.Message, file: str | None = None):
@@ -158,12 +193,13 @@ def parse_text(text: str, message: pb_message.Message, file: str | None = None):
     try:
         text_format.Merge(text, message)
     except text_format.ParseError as err:
-        unclosed = _unclosed(text, err)
-        if unclosed is not None:
-            raise unclosed.with_context(file=file) from None
+        braces = _unclosed(text, err) or _stray_close(text, err)
+        if braces is not None:
+            raise braces.with_context(file=file) from None
         line, column = err.GetLine(), err.GetColumn()
         name, kind = _block_at(text, line) if line else (None, None)
-        described = _describe_parse_error(str(err), message.DESCRIPTOR.file.pool)
+        described = _describe_parse_error(_without_echo(str(err), text, line),
+                                          message.DESCRIPTOR.file.pool)
         raise NetSyntaxError(described, file=file, line=line, column=column, layer=name,
                              layer_type=kind) from None
     return message
