@@ -2,6 +2,9 @@
 
 pycaffe-shaped: ``import netengine as caffe`` then ``caffe.Net(prototxt, caffe.TEST,
 weights=...)``, ``net.blobs['data'].data[...] = x``, ``net.forward()``.
+
+As pycaffe, it logs Caffe's glog lines on stderr; ``GLOG_minloglevel=1`` (or
+``netengine.set_log_level(1)``) keeps warnings and errors only, ``2`` errors only.
 """
 from __future__ import annotations
 
@@ -10,12 +13,15 @@ import importlib
 from netengine.backend import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from netengine.errors import NetEngineError
 from netengine.layers import layer_type_list
+from netengine.logging_glog import install_default, set_log_level
 from netengine.net import TEST, TRAIN, Net
 
 __version__ = "0.1.0"
 
+install_default()
+
 __all__ = ["Net", "NetEngineError", "TEST", "TRAIN", "layer_type_list", "set_device",
-           "set_mode_cpu", "set_mode_gpu", "set_random_seed", "__version__"]
+           "set_log_level", "set_mode_cpu", "set_mode_gpu", "set_random_seed", "__version__"]
 
 
 def __getattr__(name: str):

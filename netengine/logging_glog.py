@@ -7,14 +7,17 @@ Every line looks like glog's::
 i.e. severity letter, month and day, wall time with microseconds, thread id, a source location
 and ``]``. netengine code logs through the standard :mod:`logging` module (logger
 ``netengine``); a call may name its Caffe-like source location with ``extra={"where":
-"solver.cpp:243"}``. Nothing is printed until :func:`install` adds the glog handler (the
-command-line tools do; a pycaffe-style script may call it too).
+"solver.cpp:243"}``. As pycaffe does, ``import netengine`` routes these lines to stderr
+(:func:`install_default`, unless the ``netengine`` logger already has a handler); the
+command-line tools :func:`install` the same handler. ``GLOG_minloglevel`` (0 INFO, 1 WARNING,
+2 ERROR, 3 FATAL) sets the threshold, as for Caffe; :func:`set_log_level` changes it later.
 
 While a tqdm progress bar is open (:func:`progress`), log lines are written above the bar.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -70,17 +73,51 @@ class GlogHandler(logging.Handler):
             self.handleError(record)
 
 
-def install(level: int = logging.INFO, stream=None) -> GlogHandler:
-    """Route the ``netengine`` logger to a glog handler (replacing an earlier one)."""
+# glog's numbered severities (GLOG_minloglevel) as logging levels
+GLOG_LEVELS = {0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR, 3: logging.CRITICAL}
+
+
+def level_from_env(default: int = logging.INFO) -> int:
+    """The threshold ``GLOG_minloglevel`` asks for (``default`` where unset or not a number)."""
+    raw = os.environ.get("GLOG_minloglevel", "").strip()
+    try:
+        return GLOG_LEVELS[min(max(int(raw), 0), 3)]
+    except ValueError:
+        return default
+
+
+def set_log_level(level: int | str) -> None:
+    """Show only lines at ``level`` and above: glog's 0-3 (as ``GLOG_minloglevel``), or a
+    :mod:`logging` level (``logging.WARNING``, ``"WARNING"``)."""
+    if isinstance(level, str) and level.strip().isdigit():
+        level = int(level)
+    if isinstance(level, str):
+        value = logging.getLevelName(level.upper())
+        if not isinstance(value, int):
+            raise ValueError(f"unknown log level '{level}': give 0-3 or INFO, WARNING, ERROR")
+        level = value
+    logging.getLogger(LOGGER_NAME).setLevel(GLOG_LEVELS.get(level, level))
+
+
+def install(level: int | None = None, stream=None) -> GlogHandler:
+    """Route the ``netengine`` logger to a glog handler (replacing an earlier one); the level
+    defaults to what ``GLOG_minloglevel`` asks for (INFO where unset)."""
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         if isinstance(handler, GlogHandler):
             logger.removeHandler(handler)
     handler = GlogHandler(stream)
     logger.addHandler(handler)
-    logger.setLevel(level)
+    logger.setLevel(level_from_env() if level is None else level)
     logger.propagate = False
     return handler
+
+
+def install_default() -> None:
+    """pycaffe's behaviour for library users: glog lines on stderr, unless the application
+    already gave the ``netengine`` logger a handler of its own."""
+    if not logging.getLogger(LOGGER_NAME).handlers:
+        install()
 
 
 def get_logger(name: str = "") -> logging.Logger:

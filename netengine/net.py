@@ -215,6 +215,7 @@ class Net:
         self._instantiate(kept)
         self._connect_and_setup()
         self._backward_needs()
+        self._warn_inplace_chains()
         self._share_params()
         self._collect_outputs()
         for name in self.outputs:
@@ -401,6 +402,37 @@ class Net:
                     self._blob_need_backward[name] = (self._blob_need_backward[name]
                                                       or self.bottom_need_backward[i][j])
                 layer.param_propagate_down = [True] * len(layer.blobs)
+
+    def _warn_inplace_chains(self) -> None:
+        """Warn (once per chain) where an in-place layer rewrites a blob whose earlier in-place
+        layer reads it in backward, e.g. ReLU then BatchNorm in place: the ReLU's gradient then
+        follows the BatchNorm's output. Caffe computes the same, so only a warning, and only for
+        TRAIN nets (a solver's TEST nets would repeat it)."""
+        if self.phase != TRAIN:
+            return
+        readers: dict[str, int] = {}  # blob -> the in-place layer reading it in backward
+        for i, layer in enumerate(self.layers):
+            bottoms = self.bottom_ids[i]
+            for j, name in enumerate(self.top_ids[i]):
+                reader = readers.pop(name, None)
+                if j >= len(bottoms) or bottoms[j] != name:
+                    continue  # not in place: a new blob
+                if reader is not None and layer.rewrites_in_place:
+                    self._warn_inplace(reader, i, name)
+                elif reader is not None:
+                    readers[name] = reader  # e.g. Dropout between: the chain goes on
+                elif layer.backward_reads_output and self.layer_need_backward[i]:
+                    readers[name] = i
+
+    def _warn_inplace(self, reader: int, writer: int, blob: str) -> None:
+        first, second = self.layers[reader], self.layers[writer]
+        line = self._layer_lines[reader]
+        where = f"{self.source_file}:{line}: " if self.source_file and line else ""
+        log.warning("%slayer '%s' (%s) runs in place on blob '%s' and reads it in backward, "
+                    "but layer '%s' (%s) then overwrites it in place, so %s's gradient follows "
+                    "%s's output (Caffe does the same; such nets often train into NaN): give "
+                    "'%s' its own top", where, first.name, first.type, blob, second.name,
+                    second.type, first.name, second.name, first.name, extra=at("net.cpp:170"))
 
     def _share_params(self) -> None:
         """Own or share every learned blob by ParamSpec name; record lr/decay multipliers."""

@@ -155,7 +155,8 @@ def test_few_lazy_internal_imports():
 
 
 def test_at_most_14_top_level_modules():
-    top = [p.name for p in PACKAGE.glob("*.py")]
+    # __init__.py (the pycaffe face) and __main__.py (python -m netengine) are package plumbing
+    top = [p.name for p in PACKAGE.glob("*.py") if not p.name.startswith("__")]
     assert len(top) <= 14, sorted(top)
 
 

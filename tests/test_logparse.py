@@ -83,6 +83,49 @@ def test_synthetic_log_rules(synthetic_log):
     assert math.isnan(second["loss"])
 
 
+def _with_year(text: str) -> str:
+    """SYNTHETIC as a newer glog writes it: the year inside the prefix (I20231231 ...)."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        if line[:1] in "IWEF" and line[1:5].isdigit() and line[5] == " ":
+            year = "2023" if line[1:3] == "12" else "2024"
+            line = line[0] + year + line[1:]
+        out.append(line)
+    return "".join(out)
+
+
+def test_glog_prefix_with_the_year_gives_the_same_tables(tmp_path):
+    """Seconds count from the Solving line with either prefix; the year in the prefix wins
+    over the file's modification time (end_year is deliberately wrong here)."""
+    path = tmp_path / "new_glog.log"
+    path.write_text(_with_year(SYNTHETIC))
+    assert "I20240101 00:00:21.000000" in path.read_text()
+    old = caffe_log.parse_lines(SYNTHETIC.splitlines(), 2024)
+    new = caffe_log.parse_log(path, end_year=1999)
+    assert [r["Seconds"] for r in new.test] == [0.25, 0.4, 21.5]
+    assert repr(new.train) == repr(old.train) and new.test == old.test  # nan != nan
+    assert not any(math.isnan(r["Seconds"]) for r in new.train + new.test)
+
+
+def test_parse_log_cli_reads_the_year_prefix(tmp_path, capsys):
+    path = tmp_path / "new_glog.log"
+    path.write_text(_with_year(SYNTHETIC))
+    assert parse_log.main([str(path), str(tmp_path)]) == 0
+    train = (tmp_path / "new_glog.log.train").read_text().splitlines()
+    assert train[0].startswith("NumIters,Seconds,LearningRate")
+    assert train[1].startswith("0,0.500001,0.01")
+    assert "nan" not in train[1].split(",")[1]
+
+
+def test_plot_log_charts_seconds_of_a_year_prefixed_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "new_glog.log"
+    path.write_text(_with_year(SYNTHETIC))
+    curves = caffe_log.plot_logs(1, tmp_path / "acc.png", [path])  # Test accuracy vs. Seconds
+    assert curves == [(str(path), "accuracy")]
+    assert (tmp_path / "acc.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_netengine_glog_lines_parse():
     """Lines written through netengine's glog formatter are read like Caffe's."""
     from netengine import logging_glog

@@ -393,7 +393,16 @@ def test_unknown_type_names_layer_line_and_closest_match(tmp_path):
         net_from_text(text, tmp_path=tmp_path)
     msg = one_line(info.value)
     assert "net.prototxt:4:" in msg and "'act'" in msg and "Relu" in msg
-    assert "did you mean 'ReLU'" in msg and "known types:" in msg
+    assert "did you mean 'ReLU'" in msg and "netengine summarize --layers" in msg
+    assert "docs/layers.md" in msg and len(msg) < 300, (len(msg), msg)
+
+
+def test_unknown_type_far_from_any_names_no_guess_but_the_list(tmp_path):
+    text = 'layer { name: "q" type: "Quux9000" top: "x" }\n'
+    with pytest.raises(NetEngineError) as info:
+        net_from_text(text, tmp_path=tmp_path)
+    msg = one_line(info.value)
+    assert "did you mean" not in msg and "summarize --layers" in msg and len(msg) < 300
 
 
 def test_fork_layer_type_is_named_as_such(tmp_path):

@@ -1,9 +1,10 @@
-"""Command-line tools shaped like Caffe's ``caffe train|test|time`` (tools/ wrappers and the
-``netengine-train``/``-test``/``-time`` console scripts).
+"""Command-line tools shaped like Caffe's ``caffe train|test|time|device_query`` (the umbrella
+``netengine <command>``, the tools/ wrappers and the ``netengine-*`` console scripts).
 
-Shared here: the flags every tool takes (``--gpu``, ``--level``, ``--stage``), the device
-choice, and the error rule: a NetEngineError prints one line ``error: ...`` on stderr and the
-tool exits 1, never with a traceback.
+Shared here: the flags every tool takes (``--gpu``, ``--level``, ``--stage``), the flag
+spellings every tool accepts (Caffe's ``-solver x`` and ``-solver=x``, and both ``--max_iter``
+and ``--max-iter``), the device choice, and the exit rule: 2 for a usage error (argparse's
+message), 1 for a file or net error (one line ``error: ...`` on stderr, never a traceback).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from netengine.errors import NetEngineError
 from netengine.logging_glog import at, emit_error, install
 
 log = logging.getLogger("netengine.cli")
+PROG_PREFIX = ""  # "netengine " while the umbrella command runs a tool: usage says so
 
 
-def add_common_flags(parser: argparse.ArgumentParser, phase_default: str | None = None) -> None:
-    parser.add_argument("--gpu", default="",
-                        help="run on this GPU id (needs CuPy); 'all' means GPU 0 here. Empty: "
-                             "the solver's solver_mode/device_id (train), else CPU")
+def add_common_flags(parser: argparse.ArgumentParser, phase_default: str | None = None,
+                     gpu_help: str = "run on this GPU id (needs CuPy); 'all' means GPU 0 "
+                                     "here (default: CPU)") -> None:
+    parser.add_argument("--gpu", default="", help=gpu_help)
     parser.add_argument("--level", type=int, default=0,
                         help="NetState level of the net(s) (default 0)")
     parser.add_argument("--stage", action="append", default=[],
@@ -40,19 +42,46 @@ def stages(flags: list[str] | str) -> list[str]:
     return [s for flag in flags for s in (part.strip() for part in flag.split(",")) if s]
 
 
-_GFLAG = re.compile(r"-([A-Za-z_][\w-]+)(=.*)?")
+_FLAG = re.compile(r"(--?)([A-Za-z][\w-]*)(=.*)?")
+
+
+def caffe_spelling(token: str, known: set[str]) -> str:
+    """``token`` rewritten to the parser's own spelling of a long flag: Caffe's single dash
+    (``-solver``, ``-solver=x``) and either of ``_``/``-`` between words (``--max-iter``)."""
+    match = _FLAG.fullmatch(token)
+    if not match or token.split("=", 1)[0] in known:
+        return token
+    dashes, name, value = match.groups()
+    if dashes == "-" and len(name) == 1:
+        return token  # a short option's cluster (-o x), not a long flag
+    for candidate in (name, name.replace("-", "_"), name.replace("_", "-")):
+        if f"--{candidate}" in known:
+            return f"--{candidate}{value or ''}"
+    return token
 
 
 def parse_caffe_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """``parser.parse_args`` that also takes Caffe's gflags spelling of long options
-    (``-solver x``, ``-solver=x``), so command lines copied from Caffe's docs work."""
+    """``parser.parse_args`` that also takes Caffe's gflags spelling of long options and both
+    word separators, so command lines copied from Caffe's docs work."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if PROG_PREFIX and not parser.prog.startswith(PROG_PREFIX):
+        parser.prog = PROG_PREFIX + parser.prog
     known = {opt for action in parser._actions for opt in action.option_strings}
-    for i, token in enumerate(argv):
-        match = _GFLAG.fullmatch(token)
-        if match and f"--{match.group(1)}" in known and f"-{match.group(1)}" not in known:
-            argv[i] = "-" + token
-    return parser.parse_args(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    argv[:end] = [caffe_spelling(token, known) for token in argv[:end]]
+    args = parser.parse_args(argv)
+    if getattr(args, "gpu", ""):
+        try:
+            gpu_id(args.gpu)
+        except NetEngineError as err:
+            parser.error(str(err))
+    return args
+
+
+def require(parser: argparse.ArgumentParser, value, message: str) -> None:
+    """A usage error (argparse's message, exit status 2) where a needed flag is missing."""
+    if not value:
+        parser.error(message)
 
 
 def gpu_id(flag: str) -> int | None:

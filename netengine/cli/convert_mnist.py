@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from netengine.cli import parse_caffe_args
 from netengine.data.db import array_to_datum, lmdb_key, write_leveldb, write_lmdb
 from netengine.data.idx import read_idx
 from netengine.errors import NetEngineError
@@ -33,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("db_path", help="the database folder to create (must not hold one)")
     parser.add_argument("--backend", default="lmdb", type=str.lower, choices=["lmdb", "leveldb"],
                         help="database backend (default lmdb; leveldb needs plyvel)")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 def convert(images_path: str, labels_path: str, db_path: str,

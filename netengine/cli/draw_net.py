@@ -1,6 +1,9 @@
 """draw_net: draw a net prototxt as a graph (Caffe's python/draw_net.py).
 
     tools/draw_net MODEL OUT [--rankdir LR|TB|BT|RL] [--phase TRAIN|TEST|ALL] [--display_lrm]
+    tools/draw_net --model MODEL --output OUT [...]
+
+The positional form is Caffe's draw_net.py; ``--model``/``--output`` match the other tools.
 
 OUT's suffix picks the format: .dot/.gv writes DOT text; any other suffix (.png, .svg, .pdf,
 ...) is rendered by Graphviz's ``dot`` program. Without ``dot`` the DOT text is written next
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 
 from netengine import draw
+from netengine.cli import parse_caffe_args
 from netengine.errors import NetEngineError
 from netengine.proto import caffe_pb2
 
@@ -26,16 +30,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="draw_net", description="Draw a net prototxt as a graph (PNG, SVG, PDF or DOT).",
         epilog="Without Graphviz's dot program an image request writes OUT with suffix .dot "
                "instead (exit status 0, one-line notice on stderr).")
-    parser.add_argument("model", help="net prototxt (V0/V1 files are upgraded first)")
-    parser.add_argument("out", help="output file; its suffix picks the format (.png, .svg, "
-                                    ".pdf, .dot, ...)")
+    parser.add_argument("paths", nargs="*", metavar="MODEL OUT",
+                        help="the net prototxt (V0/V1 files are upgraded first) and the output "
+                             "file, whose suffix picks the format (.png, .svg, .pdf, .dot, ...)")
+    parser.add_argument("--model", default="", help="the net prototxt (instead of MODEL)")
+    parser.add_argument("-o", "--output", default="", help="the output file (instead of OUT)")
     parser.add_argument("--rankdir", default="LR", choices=draw.RANKDIRS,
                         help="direction of the graph layout (default LR: left to right)")
     parser.add_argument("--phase", default="ALL", choices=list(PHASES),
                         help="draw only the layers of this phase (default ALL)")
     parser.add_argument("--display_lrm", action="store_true",
                         help="show each learned layer's lr_mult values")
-    return parser.parse_args(argv)
+    args = parse_caffe_args(parser, argv)
+    paths = list(args.paths)
+    args.model = args.model or (paths.pop(0) if paths else "")
+    args.out = args.output or (paths.pop(0) if paths else "")
+    if paths or not args.model or not args.out:
+        parser.error("give the net and the output file: MODEL OUT, or --model M --output O")
+    return args
 
 
 def main(argv=None) -> int:

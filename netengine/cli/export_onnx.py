@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from netengine.cli import parse_caffe_args
 from netengine.errors import NetEngineError
 
 TOLERANCE = 1e-4
@@ -32,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="shape for input NAME instead of the prototxt's (repeatable)")
     parser.add_argument("--verify", action="store_true",
                         help="compare onnxruntime with netengine on a random input")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 def main(argv=None) -> int:

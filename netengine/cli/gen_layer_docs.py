@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from netengine import docgen
+from netengine.cli import parse_caffe_args
 
 
 def main(argv=None) -> int:
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
                         help=f"file to write (default {docgen.DOC_PATH})")
     parser.add_argument("--check", action="store_true",
                         help="only report whether the file is up to date (exit 1 if not)")
-    args = parser.parse_args(argv)
+    args = parse_caffe_args(parser, argv)
     text = docgen.generate()
     if args.check:
         current = args.out.read_text(encoding="utf-8") if args.out.exists() else None

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from netengine.cli import parse_caffe_args
 from netengine.errors import NetEngineError
 
 
@@ -151,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "PyTorch and TensorFlow mirrors)")
     parser.add_argument("--gunzip", action="store_true",
                         help="also write uncompressed copies (netengine reads .gz directly)")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 def main(argv=None) -> int:

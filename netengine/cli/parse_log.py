@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from netengine.cli import parse_caffe_args
 from netengine.errors import NetEngineError
 from netengine.formats import caffe_log
 
@@ -23,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("output_dir", help="folder for the .train and .test files")
     parser.add_argument("--delimiter", default=",", help="column separator (default ',')")
     parser.add_argument("--verbose", action="store_true", help="say what was written")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from netengine.cli import parse_caffe_args
 from netengine.errors import NetEngineError
 from netengine.formats import caffe_log
 from netengine.html.run_report import write_log_report
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         metavar="CHART_TYPE", help="0-7 (see above)")
     parser.add_argument("out", metavar="OUT", help="image to write (.png, .svg, .pdf, ...)")
     parser.add_argument("logs", nargs="+", metavar="LOG", help="training log file(s)")
-    return parser.parse_args(argv)
+    return parse_caffe_args(parser, argv)
 
 
 def html_main(argv: list[str]) -> int:

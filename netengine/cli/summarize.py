@@ -2,6 +2,7 @@
 
     tools/summarize --model F [--phase TEST|TRAIN] [--input-shape data=1,3,227,227 ...]
                     [--level N] [--stage S ...] [--show-splits]
+    tools/summarize --layers        (every layer type, one line each)
 
 Builds the net (legacy formats are upgraded first; weights are random, nothing is read from a
 caffemodel) and prints, per layer: name, type, top shapes, parameter count and multiply-adds,
@@ -20,14 +21,18 @@ import sys
 from dataclasses import dataclass
 
 from netengine import cli, summary
+from netengine.cli import parse_caffe_args
 from netengine.errors import DataSourceError, NetEngineError
+from netengine.layers import REGISTRY, layer_type_list
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="summarize",
         description="Per-layer table of a net prototxt: top shapes, parameters, multiply-adds.")
-    parser.add_argument("--model", required=True, help="net prototxt (V0/V1/V2)")
+    parser.add_argument("--model", default="", help="net prototxt (V0/V1/V2)")
+    parser.add_argument("--layers", action="store_true",
+                        help="list every layer type with its one-line description, and exit")
     parser.add_argument("--phase", default="TEST", choices=list(summary.PHASES),
                         help="which phase's layers to build (default TEST)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
@@ -37,7 +42,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "comma-separated and/or the flag repeated")
     parser.add_argument("--show-splits", action="store_true",
                         help="also list the Split layers inserted automatically")
-    return parser.parse_args(argv)
+    args = parse_caffe_args(parser, argv)
+    if not args.layers:
+        cli.require(parser, args.model, "give the net to summarize: --model F (or --layers)")
+    return args
+
+
+def layer_list() -> str:
+    """Every layer type and the first line of its docstring, one a line."""
+    types = layer_type_list()
+    width = max(map(len, types))
+    return "\n".join(f"{name:<{width}}  {_first_line(REGISTRY[name].__doc__)}" for name in types)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n", 1)[0]
 
 
 @dataclass
@@ -66,6 +85,9 @@ def run(model, phase="TEST", input_shapes: dict | None = None, level: int = 0, s
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.layers:
+        print(layer_list())
+        return 0
     try:
         shapes = dict(summary.parse_shape_spec(s) for s in args.input_shape)
     except NetEngineError as err:

@@ -17,8 +17,15 @@ import logging
 import numpy as np
 
 from netengine import backend
-from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
-from netengine.errors import NetEngineError
+from netengine.cli import (
+    add_common_flags,
+    gpu_id,
+    parse_caffe_args,
+    require,
+    run,
+    stages,
+    use_device,
+)
 from netengine.logging_glog import at, fmt
 
 log = logging.getLogger("netengine.cli")
@@ -34,18 +41,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=50,
                         help="number of batches to score (default 50)")
     add_common_flags(parser, phase_default="TEST")
-    return parse_caffe_args(parser, argv)
+    args = parse_caffe_args(parser, argv)
+    require(parser, args.model, "need a model definition to score: give --model")
+    require(parser, args.weights, "need model weights to score: give --weights")
+    if args.iterations < 1:
+        parser.error(f"--iterations must be >= 1, got {args.iterations}")
+    return args
 
 
 def score(args) -> int:
     from netengine.net import TEST, TRAIN, Net
 
-    if not args.model:
-        raise NetEngineError("need a model definition to score: give --model")
-    if not args.weights:
-        raise NetEngineError("need model weights to score: give --weights")
-    if args.iterations < 1:
-        raise NetEngineError(f"--iterations must be >= 1, got {args.iterations}")
     use_device(gpu_id(args.gpu))
     net = Net(args.model, TEST if args.phase == "TEST" else TRAIN, level=args.level,
               stages=stages(args.stage))

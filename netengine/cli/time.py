@@ -16,8 +16,15 @@ import logging
 import time
 
 from netengine import backend
-from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
-from netengine.errors import NetEngineError
+from netengine.cli import (
+    add_common_flags,
+    gpu_id,
+    parse_caffe_args,
+    require,
+    run,
+    stages,
+    use_device,
+)
 from netengine.logging_glog import at, fmt
 
 log = logging.getLogger("netengine.cli")
@@ -33,7 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", default="",
                         help="optional weights to load first (caffemodel, comma-separated)")
     add_common_flags(parser, phase_default="TRAIN")
-    return parse_caffe_args(parser, argv)
+    args = parse_caffe_args(parser, argv)
+    require(parser, args.model, "need a model definition to time: give --model")
+    if args.iterations < 1:
+        parser.error(f"--iterations must be >= 1, got {args.iterations}")
+    return args
 
 
 def layer_times(net, iterations: int, report=None) -> tuple[list[float], list[float], float]:
@@ -68,10 +79,6 @@ def layer_times(net, iterations: int, report=None) -> tuple[list[float], list[fl
 def benchmark(args) -> int:
     from netengine.net import TEST, TRAIN, Net
 
-    if not args.model:
-        raise NetEngineError("need a model definition to time: give --model")
-    if args.iterations < 1:
-        raise NetEngineError(f"--iterations must be >= 1, got {args.iterations}")
     use_device(gpu_id(args.gpu))
     net = Net(args.model, TRAIN if args.phase == "TRAIN" else TEST, level=args.level,
               stages=stages(args.stage))

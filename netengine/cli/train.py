@@ -32,8 +32,15 @@ import logging
 import signal
 
 from netengine import backend
-from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
-from netengine.errors import NetEngineError
+from netengine.cli import (
+    add_common_flags,
+    gpu_id,
+    parse_caffe_args,
+    require,
+    run,
+    stages,
+    use_device,
+)
 from netengine.html.run_report import live_report
 from netengine.logging_glog import at, progress
 from netengine.proto import caffe_pb2
@@ -53,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              ".h5); overrides the solver's 'weights'")
     parser.add_argument("--snapshot", default="",
                         help="a .solverstate (or .solverstate.h5) to resume training from")
-    add_common_flags(parser)
+    add_common_flags(parser, gpu_help="run on this GPU id (needs CuPy); 'all' means GPU 0 here. "
+                                      "Default: the solver's solver_mode/device_id")
     parser.add_argument("--sigint_effect", default="stop", choices=EFFECTS,
                         help="what SIGINT (Ctrl-C) does (default stop: snapshot, then stop)")
     parser.add_argument("--sighup_effect", default="snapshot", choices=EFFECTS,
@@ -62,7 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override the solver's max_iter (netengine extension)")
     parser.add_argument("--report", default="", metavar="RUN.html",
                         help="write a live HTML report of the run (netengine extension)")
-    return parse_caffe_args(parser, argv)
+    args = parse_caffe_args(parser, argv)
+    require(parser, args.solver, "need a solver definition to train: give --solver")
+    if args.snapshot and args.weights:
+        parser.error("give a snapshot to resume training (--snapshot) or weights to fine-tune "
+                     "(--weights), not both")
+    if args.max_iter is not None and args.max_iter < 0:
+        parser.error(f"--max_iter must be >= 0, got {args.max_iter}")
+    return args
 
 
 class SignalHandler:
@@ -129,13 +144,6 @@ def _device(args, param) -> int | None:
 def train(args) -> int:
     from netengine.solvers import get_solver, read_solver_param
 
-    if not args.solver:
-        raise NetEngineError("need a solver definition to train: give --solver")
-    if args.snapshot and args.weights:
-        raise NetEngineError("give a snapshot to resume training (--snapshot) or weights to "
-                             "fine-tune (--weights), not both")
-    if args.max_iter is not None and args.max_iter < 0:
-        raise NetEngineError(f"--max_iter must be >= 0, got {args.max_iter}")
     param = read_solver_param(args.solver)
     param.train_state.level = args.level  # always, as caffe train does (default 0)
     if stages(args.stage):

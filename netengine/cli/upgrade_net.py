@@ -18,6 +18,7 @@ from pathlib import Path
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
+from netengine.cli import parse_caffe_args
 from netengine.errors import NetEngineError
 from netengine.formats import upgrade
 from netengine.formats.prototxt import SourceMap, layer_blocks, parse_text, write_atomic
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
                                                  "in the current format.")
     parser.add_argument("input", help="legacy net prototxt or caffemodel")
     parser.add_argument("output", help="where to write the upgraded net (same form as input)")
-    args = parser.parse_args(argv)
+    args = parse_caffe_args(parser, argv)
     try:
         param, binary, source = read_any(args.input, caffe_pb2.NetParameter())
         needed = upgrade.net_needs_upgrade(param)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from netengine.cli import parse_caffe_args
 from netengine.cli.upgrade_net import read_any, write_like
 from netengine.errors import NetEngineError
 from netengine.formats import upgrade
@@ -23,7 +24,7 @@ def main(argv=None) -> int:
                                      description="Write a legacy solver in the current format.")
     parser.add_argument("input", help="legacy solver prototxt")
     parser.add_argument("output", help="where to write the upgraded solver")
-    args = parser.parse_args(argv)
+    args = parse_caffe_args(parser, argv)
     notes = []
     try:
         param, binary, _ = read_any(args.input, caffe_pb2.SolverParameter())

@@ -10,9 +10,10 @@ too):
   starts when the iteration changes or NAME repeats, e.g. a second test net);
 * ``Iteration N, lr = VALUE`` gives the learning rate of iteration N;
 * the glog prefix ``I1105 00:37:55.565062`` gives the wall time. Seconds count from the
-  ``Solving`` line (else from the first time stamp). glog omits the year: it is taken from the
-  file's modification time (the end of the log), minus one for each month wrap-around
-  (December → January) inside the log.
+  ``Solving`` line (else from the first time stamp). Newer glog versions write the year too
+  (``I20261105 00:37:55.565062``); older ones omit it: it is then taken from the file's
+  modification time (the end of the log), minus one for each month wrap-around (December →
+  January) inside the log.
 
 Each row gets ``NumIters``, ``Seconds`` (time of its first output line) and ``LearningRate``,
 then one column per output name, as Caffe's ``tools/extra/parse_log.py`` writes them. One
@@ -35,7 +36,8 @@ from netengine.errors import NetEngineError
 from netengine.formats.prototxt import write_atomic
 
 _NUMBER = r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
-_STAMP = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{1,6})\b")
+# the year is optional: glog >= 0.7 writes I20261105, older versions I1105
+_STAMP = re.compile(r"^[IWEF](?P<year>\d{4})?(\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{1,6})\b")
 _ITERATION = re.compile(r"\bIteration (\d+)")
 _OUTPUT = re.compile(rf"\b(Train|Test) net output #(\d+): (\S+) = ({_NUMBER})")
 _LR = re.compile(rf"\bIteration (\d+), lr = ({_NUMBER})")
@@ -62,18 +64,20 @@ class LogTables:
 def _stamps(lines: list[str], end_year: int) -> list[datetime | None]:
     """The wall time of each line (None where the line has no glog prefix)."""
     raw = [_STAMP.match(line) for line in lines]
-    months = [int(m.group(1)) for m in raw if m]
+    months = [int(m.group(2)) for m in raw if m and not m.group("year")]
     wraps = sum(1 for a, b in zip(months, months[1:]) if b < a)
     year, last_month, times = end_year - wraps, None, []
     for match in raw:
         if not match:
             times.append(None)
             continue
-        month, day, hour, minute, second = (int(g) for g in match.groups()[:5])
-        if last_month is not None and month < last_month:
+        month, day, hour, minute, second = (int(g) for g in match.groups()[1:6])
+        if match.group("year"):
+            year = int(match.group("year"))
+        elif last_month is not None and month < last_month:
             year += 1
         last_month = month
-        micros = int(match.group(6).ljust(6, "0"))
+        micros = int(match.group(7).ljust(6, "0"))
         try:
             times.append(datetime(year, month, day, hour, minute, second, micros))
         except ValueError:  # e.g. 29 February in a guessed non-leap year

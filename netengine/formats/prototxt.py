@@ -5,6 +5,7 @@ inside a ``layer { }`` block, that layer's name and type.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tempfile
@@ -20,6 +21,7 @@ _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|#[^\n]*|[{}<>]|
 _NAME = re.compile(r'\bname\s*:\s*"([^"]*)"')
 _TYPE = re.compile(r'\btype\s*:\s*"?([A-Za-z_0-9]+)"?')
 _UNKNOWN_FIELD = re.compile(r'Message type "caffe\.(\w+)" has no field named "(\w+)"')
+_UNKNOWN_VALUE = re.compile(r'Enum type "caffe\.([\w.]+)" has no value named (\w+)')
 
 
 @dataclass
@@ -80,13 +82,110 @@ def _block_at(text: str, line: int) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _describe_parse_error(message: str) -> str:
+def open_blocks(text: str, offset: int | None = None) -> list[tuple[str, int]]:
+    """``(keyword, line)`` of each ``keyword {`` block still open at ``offset`` (default: the
+    end of the text), outermost first."""
+    stack: list[tuple[str, int]] = []
+    previous = ""
+    for match in _TOKEN.finditer(text, 0, len(text) if offset is None else offset):
+        token = match.group()
+        if token[0] in "#\"'":
+            previous = ""
+            continue
+        if token in "{<":
+            stack.append((previous or token, text.count("\n", 0, match.start()) + 1))
+        elif token in "}>":
+            if stack:
+                stack.pop()
+        previous = token
+    return stack
+
+
+def _offset(text: str, line: int, column: int) -> int:
+    """The character offset of 1-based ``line``/``column`` (protobuf's error position)."""
+    starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    return starts[min(line, len(starts)) - 1] + max(column - 1, 0)
+
+
+def _unclosed(text: str, err: text_format.ParseError) -> NetSyntaxError | None:
+    """Where a brace is missing: protobuf reports the end of the file (``Expected "}"``) or the
+    next ``layer {``, which it reads as an unknown field of the unclosed layer."""
+    message = str(err)
+    line, column = err.GetLine(), err.GetColumn()
+    at_end = 'Expected "}"' in message or 'Expected ">"' in message
+    found = _UNKNOWN_FIELD.search(message)
+    stray_layer = found is not None and found.group(2) in ("layer", "layers")
+    if not (at_end or stray_layer) or not line:
+        return None
+    stack = open_blocks(text, None if at_end else _offset(text, line, column))
+    if not stack:
+        return None
+    keyword, opened = stack[0]
+    where = "the end of the file" if at_end else f"line {line}"
+    return NetSyntaxError(f"'{keyword} {{' opened here is never closed (a '}}' is missing "
+                          f"before {where})", line=opened)
+
+
+def _without_echo(message: str, text: str, line: int | None) -> str:
+    """protobuf's message less its copy of the source line (the file:line:column says where)."""
+    lines = text.splitlines()
+    if line and line <= len(lines):
+        return message.replace(f"'{lines[line - 1]}': ", "", 1)
+    return message
+
+
+def _stray_close(text: str, err: text_format.ParseError) -> NetSyntaxError | None:
+    """A ``}`` that closes no block: protobuf only says it expected a field name."""
+    line, column = err.GetLine(), err.GetColumn()
+    if not line or not re.search(r"got [}>]\.?$", str(err)):
+        return None
+    if open_blocks(text, _offset(text, line, column)):
+        return None
+    return NetSyntaxError("this '}' closes no block (one '}' too many, or its block's '{' is "
+                          "missing)", line=line, column=column)
+
+
+def _field_hint(pool, msg_type: str, name: str) -> str:
+    """``did you mean 'x'?`` for a misspelt field: the nearest field of the same message, or the
+    sub-message that holds a field of exactly that name (num_output -> convolution_param)."""
+    try:
+        descriptor = pool.FindMessageTypeByName(f"caffe.{msg_type}")
+    except KeyError:
+        return ""
+    names = [f.name for f in descriptor.fields]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    holders = [f.name for f in descriptor.fields if f.message_type is not None
+               and name in f.message_type.fields_by_name][:3]
+    if holders:
+        return f"; did you mean {' or '.join(f'{h} {{ {name} }}' for h in holders)}?"
+    return ""
+
+
+def _describe_parse_error(message: str, pool=None) -> str:
     found = _UNKNOWN_FIELD.search(message)
     if found:
         msg_type, name = found.groups()
+        hint = _field_hint(pool, msg_type, name) if pool is not None else ""
         return (f"BVLC Caffe's {msg_type} has no field '{name}' (a misspelling, or a field "
-                f"from a Caffe fork)")
+                f"from a Caffe fork){hint}")
+    found = _UNKNOWN_VALUE.search(message)
+    if found and pool is not None:
+        return _enum_hint(pool, *found.groups())
     return re.sub(r"^\d+:\d+\s*:\s*", "", message)
+
+
+def _enum_hint(pool, enum_type: str, value: str) -> str:
+    """An unknown enum value (``pool: MAXX``, ``phase: TESTING``) and the values there are."""
+    try:
+        names = [v.name for v in pool.FindEnumTypeByName(f"caffe.{enum_type}").values]
+    except KeyError:
+        names = []
+    close = difflib.get_close_matches(value.upper(), names, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (f"BVLC Caffe's {enum_type} has no value '{value}'; {hint}"
+            f"the values are {', '.join(names)}")
 
 
 def parse_text(text: str, message: pb_message.Message, file: str | None = None):
@@ -94,10 +193,15 @@ def parse_text(text: str, message: pb_message.Message, file: str | None = None):
     try:
         text_format.Merge(text, message)
     except text_format.ParseError as err:
+        braces = _unclosed(text, err) or _stray_close(text, err)
+        if braces is not None:
+            raise braces.with_context(file=file) from None
         line, column = err.GetLine(), err.GetColumn()
         name, kind = _block_at(text, line) if line else (None, None)
-        raise NetSyntaxError(_describe_parse_error(str(err)), file=file, line=line,
-                             column=column, layer=name, layer_type=kind) from None
+        described = _describe_parse_error(_without_echo(str(err), text, line),
+                                          message.DESCRIPTOR.file.pool)
+        raise NetSyntaxError(described, file=file, line=line, column=column, layer=name,
+                             layer_type=kind) from None
     return message
 
 

@@ -48,13 +48,14 @@ def layer_class(type_name: str) -> type[Layer]:
     if type_name in FORK_LAYER_TYPES:
         raise LayerError(f"BVLC Caffe has no layer type '{type_name}' (it comes from "
                          f"{FORK_LAYER_TYPES[type_name]}, a Caffe fork); netengine follows BVLC")
-    close = difflib.get_close_matches(type_name, known, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(type_name, known, n=3, cutoff=0.5)
     lowered = {k.lower(): k for k in known}
     if type_name.lower() in lowered:
         close = [lowered[type_name.lower()]]
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    # the full list is ~60 names: point at it rather than print one very long line
     raise LayerError(f"unknown layer type '{type_name}' (BVLC Caffe has no such type); {hint}"
-                     f"known types: {', '.join(known)}")
+                     f"all {len(known)} types: netengine summarize --layers, or docs/layers.md")
 
 
 def create_layer(layer_param) -> Layer:
@@ -76,6 +77,10 @@ class Layer:
     equal_bottom_top: bool = False
     auto_top_blobs: bool = False  # may leave its tops unnamed: the net names them
     allows_inplace: bool = True  # Flatten/Reshape share memory, so they refuse top == bottom
+    # In place, a later in-place layer with ``rewrites_in_place`` changes the values that an
+    # earlier one with ``backward_reads_output`` reads in its backward: the net warns.
+    backward_reads_output: bool = False
+    rewrites_in_place: bool = False
     is_input: bool = False  # tops are net inputs (Input layer)
     pad_loss_weights: bool = False  # extra tops (e.g. probabilities) get loss weight 0
     search_dirs: tuple = ()  # folders for relative paths (the net sets the prototxt's folder)

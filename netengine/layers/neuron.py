@@ -35,6 +35,10 @@ class _Elementwise(NeuronLayer):
 
     saves_input = True
 
+    @property
+    def backward_reads_output(self) -> bool:  # in place, the blob then holds only the output
+        return not self.saves_input
+
     def function(self, xp, x):
         raise NotImplementedError
 
@@ -164,6 +168,7 @@ class Power(_Elementwise):
     """
 
     type = "Power"
+    rewrites_in_place = True
 
     def layer_setup(self, bottom, top) -> None:
         param = self.layer_param.power_param

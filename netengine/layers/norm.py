@@ -64,6 +64,7 @@ class BatchNorm(Layer):
     """
 
     type = "BatchNorm"
+    rewrites_in_place = True
     exact_bottoms = 1
     exact_tops = 1
 
@@ -152,6 +153,7 @@ class Scale(Layer):
     """
 
     type = "Scale"
+    rewrites_in_place = True
     min_bottoms = 1
     max_bottoms = 2
     exact_tops = 1
@@ -223,6 +225,7 @@ class Bias(Layer):
     """
 
     type = "Bias"
+    rewrites_in_place = True
     min_bottoms = 1
     max_bottoms = 2
     exact_tops = 1
