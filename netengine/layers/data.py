@@ -50,8 +50,9 @@ class Input(Layer):
         for i, blob in enumerate(top):
             if shapes:
                 dims = tuple(shapes[0 if len(shapes) == 1 else i].dim)
-                if any(d < 0 for d in dims):
-                    raise self.fail(f"input shape {dims} has a negative dimension")
+                if any(d < 1 for d in dims):
+                    raise self.fail(f"input shape {dims} has a zero or negative dimension: "
+                                    "expected every dim >= 1 (the first is the batch size)")
                 blob.reshape(dims)
 
     def reshape(self, bottom, top) -> None:
