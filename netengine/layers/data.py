@@ -23,6 +23,7 @@ from netengine.data.images import decode_image, import_pillow, read_image, resiz
 from netengine.data.sources import read_bytes, resolve_source, search_description
 from netengine.data.transform import Transformer, read_mean_file
 from netengine.errors import DataSourceError, LayerError, NetEngineError
+from netengine.formats.hdf5 import open_hdf5
 from netengine.layers.base import Layer, register
 from netengine.proto import caffe_pb2
 
@@ -573,10 +574,9 @@ class HDF5Data(Layer):
             blob.reshape((self.batch_size, *array.shape[1:]))
 
     def _open(self, path: Path):
-        try:
-            return self._h5py.File(path, "r")
-        except OSError as err:
-            raise self.fail(f"cannot open HDF5 file {path}: {err}") from None
+        """The file read-only, self-contained (no external links), any h5py failure on a
+        damaged file turned into one line naming it."""
+        return open_hdf5(path, "HDF5 data file", LayerError)
 
     def _row_count(self, path: Path) -> int:
         with self._open(path) as handle:

@@ -7,9 +7,9 @@
 imports ``python_param.module`` (from ``sys.path`` only, as Caffe does: a module beside the
 prototxt is refused with the ``PYTHONPATH`` to use) and instantiates the class named by
 ``python_param.layer`` (a class, never any other callable): whatever that module does at
-import or in its methods happens with your privileges. Only build nets whose Python modules you trust. Nothing
-else in netengine ever executes code named by a model file; a net without Python layers runs
-no user code.
+import or in its methods happens with your privileges. Only build nets whose Python modules you
+trust. Nothing else in netengine ever executes code named by a model file; a net without
+Python layers runs no user code.
 
 The class follows pycaffe's interface (subclass :class:`PythonLayerBase`, pycaffe's
 ``caffe.Layer``, or write the same methods on any class):

@@ -75,9 +75,34 @@ def read_solver_param(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
     upgrade.upgrade_solver(param, file=str(path))
     if not param.HasField("snapshot_prefix"):
         param.snapshot_prefix = str(Path(path).with_suffix(""))
-    elif param.snapshot_prefix and Path(param.snapshot_prefix).is_dir():
-        param.snapshot_prefix = str(Path(param.snapshot_prefix) / Path(path).stem)
+    else:
+        _check_snapshot_prefix_name(param.snapshot_prefix, path)
+        if param.snapshot_prefix and Path(param.snapshot_prefix).is_dir():
+            param.snapshot_prefix = str(Path(param.snapshot_prefix) / Path(path).stem)
     return param
+
+
+# Room a snapshot's name needs after the prefix and around it for its temporary file
+# ("._iter_<10 digits>.solverstate.h5.<8 random>.tmp"), within the usual file-system limits.
+_NAME_MAX, _PATH_MAX, _SNAPSHOT_ROOM = 255, 4096, 50
+
+
+def _check_snapshot_prefix_name(prefix: str, solver_file) -> None:
+    """Refuse a snapshot_prefix no file system can hold (before training, not at the first
+    snapshot): a NUL byte, a name part or a whole path that is too long."""
+    longest = max((len(part.encode()) for part in Path(prefix).parts), default=0)
+    problem = None
+    if "\0" in prefix:
+        problem = "contains a NUL character"
+    elif longest > _NAME_MAX - _SNAPSHOT_ROOM:
+        problem = (f"has a name part of {longest} bytes; at most "
+                   f"{_NAME_MAX - _SNAPSHOT_ROOM} fit with the '_iter_N.solverstate' ending")
+    elif len(prefix.encode()) > _PATH_MAX - _SNAPSHOT_ROOM:
+        problem = (f"is {len(prefix.encode())} bytes long; at most "
+                   f"{_PATH_MAX - _SNAPSHOT_ROOM} fit in a path")
+    if problem:
+        raise SolverError(f"snapshot_prefix {problem}: expected a folder and a file stem, e.g. "
+                          "'snapshots/lenet'", file=str(solver_file))
 
 
 def _mixed_seed(seed: int, iteration: int) -> int:
@@ -203,12 +228,17 @@ class Solver:
         if named.is_absolute() or named.exists() or self._base_dir is None:
             if not named.exists():
                 raise self._fail(f"{what} not found: {path}")
-            return str(named)
+            return self._file(named, path, what)
         beside = self._base_dir / named
         if beside.exists():
-            return str(beside)
+            return self._file(beside, path, what)
         places = dict.fromkeys([str(Path.cwd()), str(self._base_dir.resolve())])
         raise self._fail(f"{what} not found: {path} (looked in {' and '.join(places)})")
+
+    def _file(self, found: Path, path: str, what: str) -> str:
+        if found.is_dir():
+            raise self._fail(f"{what} '{path}' is a folder ({found.resolve()}); expected a file")
+        return str(found)
 
     def _make_net(self, source, phase: int, override, default_phase: int, what: str) -> Net:
         """Build a net with Caffe's NetState precedence: solver default < net's own < override."""
@@ -469,8 +499,11 @@ class Solver:
     def get_learning_rate(self) -> float:
         """The rate at the current iteration (advances ``current_step`` for multistep/step)."""
         before = self.current_step
-        rate, self.current_step = lr_policy.learning_rate(self.param, self.iter,
-                                                          self.current_step)
+        try:
+            rate, self.current_step = lr_policy.learning_rate(self.param, self.iter,
+                                                              self.current_step)
+        except SolverError as err:
+            raise err.with_context(file=self.solver_file) from None
         if self.param.lr_policy == "multistep" and self.current_step != before:
             log.info("MultiStep Status: Iteration %d, step = %d", self.iter, self.current_step,
                      extra=at("sgd_solver.cpp:63"))
