@@ -434,6 +434,7 @@ class Solver:
         self.requested_early_exit = False
         if p.snapshot or p.snapshot_after_train:
             self._check_snapshot_prefix()
+        self._remove_stale_temporaries()
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file,
                      extra=at("solver.cpp:295"))
@@ -634,19 +635,22 @@ class Solver:
             fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=folder)
             os.close(fd)
             os.unlink(probe)
-            self._remove_stale_temporaries(folder)
         except (OSError, ValueError) as err:  # ValueError: a NUL byte in the prefix
             raise self._fail(f"cannot write to snapshot_prefix '{self.param.snapshot_prefix}' "
                              f"({err.strerror or err}: {err.filename or folder}); make sure its "
                              "folder exists or can be created, and is writable") from None
 
-    def _remove_stale_temporaries(self, folder: Path) -> None:
+    def _remove_stale_temporaries(self) -> None:
         """A run killed while writing a snapshot leaves hidden temporaries of this prefix's
         files (``.<prefix>_iter_N.caffemodel.XXXX.tmp``): remove them before training."""
-        start = temporary_prefix(self.snapshot_filename("")).rsplit("_iter_", 1)[0] + "_iter_"
-        for leftover in folder.glob(f"{glob.escape(start)}*.tmp"):
-            log.info("Removing %s, left by an interrupted snapshot", leftover)
-            leftover.unlink(missing_ok=True)
+        first = Path(self.snapshot_filename(""))
+        start = temporary_prefix(first).rsplit("_iter_", 1)[0] + "_iter_"
+        try:
+            for leftover in first.parent.glob(f"{glob.escape(start)}*.tmp"):
+                log.info("Removing %s, left by an interrupted snapshot", leftover)
+                leftover.unlink(missing_ok=True)
+        except OSError:  # no such folder yet, or not ours to clean: nothing to do
+            pass
 
     def snapshot(self) -> tuple[str, str]:
         """Write ``<prefix>_iter_N.caffemodel`` and ``.solverstate`` (``.h5`` variants with
