@@ -180,7 +180,13 @@ def read_state(path: str | os.PathLike) -> SolverStateData:
         history = [blob_array(blob) for blob in message.history]
     except NetEngineError as err:
         raise SolverError(f"bad history blob: {err}", file=str(path)) from None
-    return SolverStateData(message.iter, message.learned_net, history, message.current_step)
+    return SolverStateData(message.iter, _text(message.learned_net), history,
+                           message.current_step)
+
+
+def _text(value) -> str:
+    """A proto string field as text (a damaged file may carry bytes that are not UTF-8)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def read_weights(path: str) -> caffe_pb2.NetParameter:
@@ -259,6 +265,9 @@ def _read_state_hdf5(path: Path) -> SolverStateData:
 def resolve_learned_net(learned_net: str, state_path: str | os.PathLike) -> Path:
     """The weights file a solverstate names: as written (relative to the current directory,
     Caffe's rule), else beside the solverstate."""
+    if "\0" in learned_net:
+        raise SolverError("the solver state's learned_net holds a NUL character; expected the "
+                          "path of its caffemodel", file=str(state_path))
     named = Path(learned_net)
     candidates = [named]
     if not named.is_absolute():
