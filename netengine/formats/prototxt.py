@@ -16,7 +16,7 @@ from pathlib import Path
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from netengine.errors import FileWriteError, NetEngineError, NetSyntaxError
+from netengine.errors import FileWriteError, NetEngineError, NetSyntaxError, reading
 
 _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|#[^\n]*|[{}<>]|[A-Za-z_]\w*')
 _NAME = re.compile(r'\bname\s*:\s*"([^"]*)"')
@@ -134,11 +134,10 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
 def read_binary_proto(path: str | os.PathLike, message: pb_message.Message):
     """Parse a binary proto file (caffemodel, solverstate, binaryproto) into ``message``."""
     data = _read_bytes(path)
-    try:
+    # DecodeError, and whatever else a hostile byte string provokes in the decoder
+    with reading(path, cls=NetSyntaxError,
+                 lead=f"not a valid binary {message.DESCRIPTOR.name} ({len(data)} bytes)"):
         message.ParseFromString(data)
-    except pb_message.DecodeError as err:
-        raise NetSyntaxError(f"not a valid binary {message.DESCRIPTOR.name} "
-                             f"({len(data)} bytes): {err}", file=str(path)) from None
     return message
 
 
@@ -148,7 +147,7 @@ def read_proto(path: str | os.PathLike, message: pb_message.Message):
     try:
         message.ParseFromString(data)
         return message
-    except pb_message.DecodeError:
+    except Exception:  # noqa: BLE001 - not binary (DecodeError or worse): try it as text
         message.Clear()
     return parse_text(data.decode("utf-8", errors="replace"), message, str(path))
 
