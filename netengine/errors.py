@@ -20,6 +20,25 @@ class NetEngineError(Exception):
         self.layer = layer
         self.layer_type = layer_type
 
+    @property
+    def detail(self) -> str:
+        """The message with this error's own file (and line) in front: what an outer error
+        (a layer of a prototxt reading a data file) quotes."""
+        if not self.file or str(self.file) in self.message:
+            return self.message
+        line = f":{self.line}" if self.line else ""
+        return f"{self.file}{line}: {self.message}"
+
+    def inside(self, **context) -> NetEngineError:
+        """Place this error inside an outer location (e.g. a layer of a prototxt): a file of
+        its own (a data file, weights) moves into the message, so that the outer file's line
+        is never put after it. Returns self."""
+        outer = context.get("file")
+        if self.file and outer and str(self.file) != str(outer):
+            self.message = self.detail
+            self.file = self.line = self.column = None
+        return self.with_context(**context)
+
     def with_context(self, **context) -> NetEngineError:
         """Fill in the parts of the location that are still unknown; returns self."""
         for key, value in context.items():

@@ -281,8 +281,8 @@ class Net:
                     folder = os.path.dirname(os.path.abspath(self.source_file))
                     self.layers[-1].search_dirs = (folder,)
             except NetEngineError as err:
-                raise err.with_context(file=self.source_file, line=self._layer_lines[i],
-                                       layer=param.name, layer_type=param.type) from None
+                raise err.inside(file=self.source_file, line=self._layer_lines[i],
+                                 layer=param.name, layer_type=param.type) from None
         self._layer_names = [layer.name for layer in self.layers]
 
     def _connect_and_setup(self) -> None:
@@ -302,7 +302,7 @@ class Net:
             try:
                 self._setup_layer(i, layer, available)
             except NetEngineError as err:
-                raise err.with_context(**self._context(i)) from None
+                raise err.inside(**self._context(i)) from None
             except (ValueError, TypeError, IndexError, ArithmeticError, MemoryError) as err:
                 raise LayerError(f"setup failed: {type(err).__name__}: {err}",
                                  **self._context(i)) from err
@@ -552,7 +552,7 @@ class Net:
             try:
                 loss += self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
             except NetEngineError as err:
-                raise err.with_context(**self._context(i)) from None
+                raise err.inside(**self._context(i)) from None
             if self.debug_info:
                 self._forward_debug_info(i)
             for cb in after:
@@ -687,7 +687,7 @@ class Net:
                 try:
                     layer.set_input_arrays(data, labels)
                 except NetEngineError as err:
-                    raise err.with_context(**self._context(i)) from None
+                    raise err.inside(**self._context(i)) from None
                 return
         raise NetEngineError("set_input_arrays needs a MemoryData layer in the net")
 
@@ -744,7 +744,7 @@ class Net:
             try:
                 layer.reshape(self.bottom_vecs[i], self.top_vecs[i])
             except NetEngineError as err:
-                raise err.with_context(**self._context(i)) from None
+                raise err.inside(**self._context(i)) from None
 
     def clear_param_diffs(self) -> None:
         for blob in self.learnable_params:

@@ -92,6 +92,22 @@ def test_truncated_lmdb_is_refused_before_mapping_never_sigbus(tmp_path):
         assert "LMDB" in lines[0]
 
 
+@needs_lmdb
+def test_truncated_lmdb_behind_a_data_layer_names_both_files(tmp_path):
+    from netengine.data.db import array_to_datum, lmdb_key, write_lmdb
+
+    images = np.zeros((20, 1, 28, 28), np.uint8)
+    write_lmdb(tmp_path / "db", ((lmdb_key(i), array_to_datum(x, 1).SerializeToString())
+                                 for i, x in enumerate(images)))
+    os.truncate(tmp_path / "db" / "data.mdb", 9000)
+    text = (f'layer {{ name: "d" type: "Data" top: "data" top: "label" data_param {{ '
+            f'source: "{tmp_path / "db"}" backend: LMDB batch_size: 2 }} }}\n')
+    with pytest.raises(LayerError) as err:  # checked before mapping: safe in-process
+        Net(write(tmp_path / "lm.prototxt", text), TRAIN)
+    one_line(err.value, f"lm.prototxt:1: layer 'd' (Data): {tmp_path / 'db' / 'data.mdb'}: "
+             "truncated LMDB")
+
+
 def test_damaged_gzip_idx_names_the_file(tmp_path):
     good = gzip_bytes(idx_bytes(np.arange(600, dtype=np.uint8).reshape(6, 10, 10)))
     damaged = bytearray(good)
@@ -183,7 +199,8 @@ def test_hdf5_data_with_zero_channels_and_external_links(tmp_path):
         handle["label"] = np.zeros(4, np.float32)
     with pytest.raises(LayerError) as err:
         Net(path, TRAIN)
-    one_line(err.value, str(tmp_path / "d.h5"), "external link")
+    one_line(err.value, f"h.prototxt:1: layer 'd' (HDF5Data): {tmp_path / 'd.h5'}: ",
+             "external link")
     (tmp_path / "d.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
     with pytest.raises(LayerError) as err:
         Net(path, TRAIN)

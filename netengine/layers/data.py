@@ -187,7 +187,7 @@ def _image_source(layer: Layer, field: str, param) -> Path:
     try:
         import_pillow()
     except NetEngineError as err:
-        raise layer.fail(err.message) from None
+        raise layer.fail(err.detail) from None
     if param.batch_size <= 0:
         raise layer.fail(f"{field}.batch_size must be positive")
     return source
@@ -235,7 +235,7 @@ class Data(Layer):
             shape = self.transformer.output_shape(self.source.shape)
         except NetEngineError as err:
             self.source.close()
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
         self.seed = _random_seed()
         self.skip = 0
         if p.rand_skip:
@@ -272,7 +272,7 @@ class Data(Layer):
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
 
     def _forced_color(self) -> bool | None:
         """transform_param's force_color (True) / force_gray (False) for encoded records."""
@@ -303,7 +303,7 @@ class Data(Layer):
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
 
     def _batch_maker(self):
         """A function of the batch index only (no reference to the layer): safe in a thread."""
@@ -347,7 +347,7 @@ class Data(Layer):
             else:
                 batch = self.prefetcher.get(index)
         except NetEngineError as err:
-            raise self.fail(f"batch {index}: {err.message}") from None
+            raise self.fail(f"batch {index}: {err.detail}") from None
         except Exception as err:
             raise self.fail(f"reading batch {index} failed: {type(err).__name__}: {err}") from err
         self._next = index + 1
@@ -831,7 +831,7 @@ class ImageData(Data):
             first = self.images.load(self.images.line(self.skip))
             shape = self.transformer.output_shape(first.shape)
         except NetEngineError as err:
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
         self._next = 0
         top[0].reshape((self.batch_size, *shape))
         top[1].reshape((self.batch_size,))
@@ -974,7 +974,7 @@ class WindowData(Data):
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
         self.seed = _random_seed()
         self.source = None
         self._next = 0
