@@ -107,7 +107,7 @@ class Blob:
         """Refuse, before allocating, a shape whose data and diff cannot fit in memory (a
         hostile or mistyped size would otherwise ask NumPy for exabytes)."""
         need = 2 * count * self.dtype.itemsize  # data now, diff at the first backward
-        if not backend.fits_in_memory(2 * count, self.dtype.itemsize, self._xp):
+        if not backend.fits_in_memory(count, 2 * self.dtype.itemsize, self._xp):
             limit = backend.memory_limit(self._xp)
             raise NetEngineError(f"blob shape {shape} ({count} values) needs {need / 2**30:.3g} "
                                  f"GiB for data and diff, more than the {limit / 2**30:.3g} GiB "

@@ -170,6 +170,21 @@ def test_huge_sizes_are_refused_before_allocating(tmp_path, old, new, needle):
     one_line(err.value, "huge.prototxt:", needle)
 
 
+def test_memory_guard_refuses_before_allocating(monkeypatch):
+    from netengine import backend
+    from netengine.blob import Blob
+
+    monkeypatch.setitem(backend._limits, "cpu", 1 << 20)  # 1 MiB of "memory"
+    blob = Blob((10,))
+    with pytest.raises(NetEngineError, match=r"blob shape \(1000, 1000\) \(1000000 values\)"):
+        blob.reshape((1000, 1000))
+    assert blob.shape == (10,) and blob.data.shape == (10,)  # left as it was
+    blob.reshape((2, 5))  # within the storage it has: no check, no allocation
+    monkeypatch.setitem(backend._limits, "cpu", 1 << 62)
+    with pytest.raises(NetEngineError, match="blob shape"):
+        Blob((2 ** 41,))  # above 2**40 elements whatever the memory
+
+
 def test_pooling_kernel_wider_than_the_input_keeps_caffe_semantics(tmp_path):
     text = ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 '
             'dim: 3 dim: 3 } } }\nlayer { name: "p" type: "Pooling" bottom: "x" top: "y" '
