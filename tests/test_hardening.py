@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -447,6 +448,50 @@ def test_snapshot_pair_is_renamed_together_and_leftovers_are_removed(tmp_path):
     solver, _ = tiny_solver(tmp_path, text + f'snapshot_prefix: "{folder / "run"}"\n')
     solver.solve()
     assert not any(path.exists() for path in stale) and keep.exists()
+
+
+PAIR_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from netengine.formats import snapshot
+    from netengine.formats.prototxt import atomic_group
+    from netengine.proto import caffe_pb2
+    from netengine.blob import blob_proto
+    folder = sys.argv[1]
+    for k in range(1, 10000):
+        values = np.full((700, 700), k, np.float32)
+        model = f"{folder}/run_iter_{k}.caffemodel"
+        net = caffe_pb2.NetParameter(name="n")
+        net.layer.add(name="ip").blobs.append(blob_proto(values))
+        with atomic_group():
+            snapshot.write_weights(model, net)
+            snapshot.write_state(f"{folder}/run_iter_{k}.solverstate",
+                                 snapshot.SolverStateData(k, model, [values], 0))
+        print(k, flush=True)
+""")
+
+
+def test_a_kill_leaves_only_complete_snapshot_pairs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for attempt, delay in enumerate((0.05, 0.2, 0.45)):
+        folder = tmp_path / f"run{attempt}"
+        folder.mkdir()
+        proc = subprocess.Popen([sys.executable, "-c", PAIR_WRITER, str(folder)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "1", proc.stderr.read()
+            time.sleep(delay)
+        finally:
+            proc.kill()
+            proc.wait()
+        states = sorted(folder.glob("*.solverstate"))
+        assert states
+        for state_path in states:  # every state has its complete caffemodel beside it
+            state = snapshot.read_state(state_path)
+            weights = snapshot.read_weights(state.learned_net)
+            k = state.iter
+            assert np.all(np.asarray(weights.layer[0].blobs[0].data) == k)
+            assert np.all(state.history[0] == k)
 
 
 # -- the command line: one line, traceback only with --debug -------------------------------------
