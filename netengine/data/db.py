@@ -314,10 +314,12 @@ class LevelDBSource(_DatumDB):
             raise NetEngineError(f"cannot open LevelDB {path}: {err}") from None
 
     def _keys(self) -> list[bytes]:
-        return [bytes(k) for k in self.handle.iterator(include_value=False)]
+        with reading(self.name, "LevelDB"):  # plyvel.CorruptionError, IOError, ...
+            return [bytes(k) for k in self.handle.iterator(include_value=False)]
 
     def _values(self, keys: list[bytes]) -> list[bytes]:
-        return [self.handle.get(key) for key in keys]
+        with reading(self.name, "LevelDB"):
+            return [self.handle.get(key) for key in keys]
 
 
 def write_leveldb(path: str | os.PathLike, items: Iterable[tuple[bytes, bytes]]) -> int:
