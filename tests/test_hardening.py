@@ -171,6 +171,15 @@ def test_huge_sizes_are_refused_before_allocating(tmp_path, old, new, needle):
     one_line(err.value, "huge.prototxt:", needle)
 
 
+def test_data_layer_batch_size_1e9_is_refused_before_allocating(tmp_path):
+    text = (REPO / "nets" / "mnist_train_test.prototxt").read_text()
+    text = text.replace('source: "data/', f'source: "{REPO}/data/')
+    text = text.replace("batch_size: 100", "batch_size: 1000000000")
+    with pytest.raises(NetEngineError) as err:
+        Net(write(tmp_path / "big.prototxt", text), TEST)
+    one_line(err.value, "big.prototxt:", "layer 'mnist' (Data)", "blob shape (1000000000, 1, 28, 28)")
+
+
 def test_memory_guard_refuses_before_allocating(monkeypatch):
     from netengine import backend
     from netengine.blob import Blob
