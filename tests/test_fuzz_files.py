@@ -134,7 +134,7 @@ def outcome(action: Callable[[], object]) -> str | None:
     """None for success or a NetEngineError; otherwise what went wrong."""
     timer = hasattr(signal, "setitimer")  # POSIX: a case running too long is a hang
     if timer:
-        signal.signal(signal.SIGALRM, _alarm)
+        previous = signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
         with np.errstate(all="ignore"):
@@ -152,6 +152,7 @@ def outcome(action: Callable[[], object]) -> str | None:
     finally:
         if timer:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     return None
 
 
