@@ -12,6 +12,7 @@ memory comes from CuPy's default memory pool, so after the first iteration no pa
 """
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
@@ -207,6 +208,31 @@ def scatter_add(xp_module: types.ModuleType, target, index, values) -> None:
 
 
 # -- device memory ----------------------------------------------------------------------------
+MAX_ELEMENTS = 2 ** 40  # no blob is ever this large: a hostile or mistyped shape
+_limits: dict[str, int] = {}
+
+
+def memory_limit(xp_module: types.ModuleType) -> int:
+    """Bytes an array on ``xp_module`` can have at most: the GPU's memory for CuPy, the
+    machine's physical memory for NumPy (asked once, no allocation)."""
+    kind = "gpu" if xp_module is not np else "cpu"
+    if kind not in _limits:
+        try:
+            if kind == "gpu":
+                _limits[kind] = int(xp_module.cuda.Device().mem_info[1])
+            else:
+                _limits[kind] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # unknown here: only the element cap
+            _limits[kind] = MAX_ELEMENTS * 8
+    return _limits[kind]
+
+
+def fits_in_memory(count: int, itemsize: int, xp_module: types.ModuleType) -> bool:
+    """Whether ``count`` values of ``itemsize`` bytes can be allocated at all (checked before
+    allocating, so that a hostile size is refused instead of asking for exabytes)."""
+    return count <= MAX_ELEMENTS and count * itemsize <= memory_limit(xp_module)
+
+
 def memory_pool():
     """CuPy's default device memory pool (every blob and temporary comes from it), or None
     where CuPy is not in use."""

@@ -89,16 +89,30 @@ class Blob:
         if len(shape) > MAX_BLOB_AXES:
             raise ValueError(f"a blob has at most {MAX_BLOB_AXES} axes, got {len(shape)}")
         if any(d < 0 for d in shape):
-            raise ValueError(f"negative dimension in blob shape {shape}")
+            raise NetEngineError(f"negative dimension in blob shape {shape}")
         count = math.prod(shape)
-        self._shape, self._count = shape, count
         if self._data_buf is None or self._data_buf.size < count:
+            self._check_size(shape, count)
+            self._shape, self._count = shape, count
             self._data_buf = self._xp.zeros(max(count, 1), dtype=self.dtype)
             self._diff_buf = None
-        elif self._diff_buf is not None and self._diff_buf.size < count:
-            self._diff_buf = None
+        else:
+            self._shape, self._count = shape, count
+            if self._diff_buf is not None and self._diff_buf.size < count:
+                self._diff_buf = None
         self._data = self._data_buf[:count].reshape(shape)
         self._diff = None if self._diff_buf is None else self._diff_buf[:count].reshape(shape)
+
+    def _check_size(self, shape: tuple[int, ...], count: int) -> None:
+        """Refuse, before allocating, a shape whose data and diff cannot fit in memory (a
+        hostile or mistyped size would otherwise ask NumPy for exabytes)."""
+        need = 2 * count * self.dtype.itemsize  # data now, diff at the first backward
+        if not backend.fits_in_memory(count, 2 * self.dtype.itemsize, self._xp):
+            limit = backend.memory_limit(self._xp)
+            raise NetEngineError(f"blob shape {shape} ({count} values) needs {need / 2**30:.3g} "
+                                 f"GiB for data and diff, more than the {limit / 2**30:.3g} GiB "
+                                 "of memory here (check batch_size, num_output, kernel, stride "
+                                 "and pad)")
 
     def reshape_like(self, other: Blob) -> None:
         self.reshape(other.shape)
@@ -175,11 +189,14 @@ def blob_from_proto(proto, dtype=np.float32) -> np.ndarray:
         shape = (proto.num, proto.channels, proto.height, proto.width)
     else:
         shape = (len(proto.data) or len(proto.double_data),)
+    if any(dim < 0 for dim in shape):
+        raise NetEngineError(f"blob shape {shape} has a negative dimension")
     values = proto.double_data if len(proto.double_data) else proto.data
+    need = math.prod(shape)  # Python ints: huge dimensions cannot wrap around
+    if len(values) != need:
+        raise NetEngineError(f"blob has {len(values)} values but its shape {shape} needs "
+                             f"{need}")
     array = np.asarray(values, dtype=dtype)
-    if array.size != int(np.prod(shape)):
-        raise NetEngineError(f"blob has {array.size} values but its shape {shape} needs "
-                             f"{int(np.prod(shape))}")
     return array.reshape(shape)
 
 

@@ -20,6 +20,25 @@ class NetEngineError(Exception):
         self.layer = layer
         self.layer_type = layer_type
 
+    @property
+    def detail(self) -> str:
+        """The message with this error's own file (and line) in front: what an outer error
+        (a layer of a prototxt reading a data file) quotes."""
+        if not self.file or str(self.file) in self.message:
+            return self.message
+        line = f":{self.line}" if self.line else ""
+        return f"{self.file}{line}: {self.message}"
+
+    def inside(self, **context) -> NetEngineError:
+        """Place this error inside an outer location (e.g. a layer of a prototxt): a file of
+        its own (a data file, weights) moves into the message, so that the outer file's line
+        is never put after it. Returns self."""
+        outer = context.get("file")
+        if self.file and outer and str(self.file) != str(outer):
+            self.message = self.detail
+            self.file = self.line = self.column = None
+        return self.with_context(**context)
+
     def with_context(self, **context) -> NetEngineError:
         """Fill in the parts of the location that are still unknown; returns self."""
         for key, value in context.items():
@@ -68,3 +87,60 @@ class FileWriteError(NetEngineError, OSError):
 
 class SolverError(NetEngineError):
     """A solver file or solver state that cannot be used."""
+
+
+# -- the file boundary ----------------------------------------------------------------------------
+# What a damaged file raises from the decoders we lean on: the standard library's (zlib, gzip,
+# struct, unicode), NumPy's shape errors on garbage headers, and the optional libraries' own
+# families (h5py raises plain KeyError/TypeError/... too, lmdb its lmdb.Error, protobuf its
+# DecodeError). They are matched by class here so that this module imports nothing heavy.
+_DECODE_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, LookupError,
+                  RuntimeError, ArithmeticError, AttributeError, MemoryError)
+_LIBRARY_MODULES = ("h5py", "lmdb", "plyvel", "google.protobuf", "zlib", "gzip", "struct",
+                    "PIL")
+
+
+def _is_decode_error(err: BaseException) -> bool:
+    if isinstance(err, NetEngineError):
+        return False
+    if isinstance(err, _DECODE_ERRORS):
+        return True
+    module = type(err).__module__ or ""
+    return any(module == name or module.startswith(name + ".") for name in _LIBRARY_MODULES)
+
+
+def describe(err: BaseException) -> str:
+    """A library error as a short phrase (its first line, or its class name when empty)."""
+    text = str(err).strip().splitlines()
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    if isinstance(err, KeyError) and text:
+        return f"missing entry {text[0]}"
+    return text[0] if text else type(err).__name__
+
+
+class reading:  # noqa: N801 - used as ``with reading(path, "HDF5 weights"):``
+    """Context manager at a file boundary: any decoding failure of the damaged or hostile
+    file ``path`` becomes ``cls("cannot read <what>: <reason>", file=path)`` (``lead``
+    replaces "cannot read <what>"). The engine's own
+    errors pass through, named after the file when they name no file yet."""
+
+    def __init__(self, path, what: str = "file", cls: type[NetEngineError] = NetEngineError,
+                 lead: str | None = None) -> None:
+        self.path, self.cls = str(path), cls
+        self.lead = lead or f"cannot read {what}"
+
+    def __enter__(self) -> reading:
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None:
+            return False
+        if isinstance(err, NetEngineError):
+            if err.file is None and self.path not in err.message:
+                err.file = self.path
+            return False
+        if not _is_decode_error(err):
+            return False
+        raise self.cls(f"{self.lead}: {describe(err)} (the file is damaged, truncated or not "
+                       "of this kind)", file=self.path) from err

@@ -29,11 +29,13 @@ def _fans(shape: tuple[int, ...]) -> tuple[float, float]:
 def _norm_n(param, shape) -> float:
     fan_in, fan_out = _fans(shape)
     mode = param.VarianceNorm.Name(param.variance_norm)
-    if mode == "FAN_OUT":
-        return fan_out
-    if mode == "AVERAGE":
-        return (fan_in + fan_out) / 2.0
-    return fan_in
+    n = fan_out if mode == "FAN_OUT" else (fan_in + fan_out) / 2.0 if mode == "AVERAGE" \
+        else fan_in
+    if n <= 0:  # Caffe CHECKs the blob's count: an input with 0 channels, num_output 0, ...
+        raise LayerError(f"the {param.type} filler scales by the blob's fan ({mode}), which is "
+                         f"0 for shape {shape}: expected no zero dimension (an input with 0 "
+                         "channels?)")
+    return n
 
 
 def _constant(param, shape, rng):

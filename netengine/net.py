@@ -159,6 +159,12 @@ def _batch_slice(value, start: int, batch: int) -> np.ndarray:
     return part
 
 
+def _few(names: list[str], count: int = 5) -> str:
+    """The first few names of a list, for a one-line message."""
+    more = f", ... ({len(names)} in all)" if len(names) > count else ""
+    return ", ".join(f"'{name}'" for name in names[:count]) + more
+
+
 class Net:
     """A Caffe net: ``Net(prototxt, phase, level=0, stages=None, weights=None)`` (pycaffe's
     order; pycaffe's older ``Net(prototxt, weights, phase)`` and ``Net(prototxt, phase,
@@ -188,13 +194,17 @@ class Net:
             "before_forward": [], "after_forward": [], "before_backward": [], "after_backward": []}
         self._build(network, int(level), tuple(stages or ()))
         if weights:
-            self.copy_from(weights)
+            self.copy_from(weights, strict=True)
 
     # -- construction ----------------------------------------------------------------------------
     def _build(self, network, level: int, stages: tuple[str, ...]) -> None:
         param, source = self._read(network)
         self.source_file = source.file
         param, lines = self._upgrade(param, source)
+        if source.file and not param.layer:
+            raise NetEngineError("the net defines no layers (an empty or comment-only file?): "
+                                 "expected 'layer { name: ... type: ... }' blocks",
+                                 file=source.file)
         self.name = param.name
         self.force_backward = param.force_backward
         self.debug_info = param.debug_info  # per-layer mean |data| / |diff| lines (Caffe's)
@@ -272,8 +282,8 @@ class Net:
                     folder = os.path.dirname(os.path.abspath(self.source_file))
                     self.layers[-1].search_dirs = (folder,)
             except NetEngineError as err:
-                raise err.with_context(file=self.source_file, line=self._layer_lines[i],
-                                       layer=param.name, layer_type=param.type) from None
+                raise err.inside(file=self.source_file, line=self._layer_lines[i],
+                                 layer=param.name, layer_type=param.type) from None
         self._layer_names = [layer.name for layer in self.layers]
 
     def _connect_and_setup(self) -> None:
@@ -288,11 +298,12 @@ class Net:
         self._loss_weights: dict[str, float] = {}
         self.inputs: list[str] = []
         available: set[str] = set()
+        self._available = available  # also for a net whose every layer was filtered out
         for i, layer in enumerate(self.layers):
             try:
                 self._setup_layer(i, layer, available)
             except NetEngineError as err:
-                raise err.with_context(**self._context(i)) from None
+                raise err.inside(**self._context(i)) from None
             except (ValueError, TypeError, IndexError, ArithmeticError, MemoryError) as err:
                 raise LayerError(f"setup failed: {type(err).__name__}: {err}",
                                  **self._context(i)) from err
@@ -573,7 +584,7 @@ class Net:
             try:
                 loss += self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
             except NetEngineError as err:
-                raise err.with_context(**self._context(i)) from None
+                raise err.inside(**self._context(i)) from None
             if self.debug_info:
                 self._forward_debug_info(i)
             for cb in after:
@@ -708,7 +719,7 @@ class Net:
                 try:
                     layer.set_input_arrays(data, labels)
                 except NetEngineError as err:
-                    raise err.with_context(**self._context(i)) from None
+                    raise err.inside(**self._context(i)) from None
                 return
         raise NetEngineError("set_input_arrays needs a MemoryData layer in the net")
 
@@ -765,7 +776,7 @@ class Net:
             try:
                 layer.reshape(self.bottom_vecs[i], self.top_vecs[i])
             except NetEngineError as err:
-                raise err.with_context(**self._context(i)) from None
+                raise err.inside(**self._context(i)) from None
 
     def clear_param_diffs(self) -> None:
         for blob in self.learnable_params:
@@ -777,12 +788,15 @@ class Net:
             blob.update()
 
     # -- weights ----------------------------------------------------------------------------------
-    def copy_from(self, source) -> list[str]:
+    def copy_from(self, source, strict: bool = False) -> list[str]:
         """Copy weights by layer name from a caffemodel (path or NetParameter), binary or HDF5
         (told apart by content, as Caffe's CopyTrainedLayersFrom).
 
         Accepts V1 files and legacy 4-D blob shapes; returns the names of the source layers
-        that were ignored because this net has no layer of that name.
+        that were ignored because this net has no layer of that name. A named layer must bring
+        exactly the blobs this net's layer has (Caffe's rule). ``strict`` (scoring, resuming,
+        ``Net(..., weights=)``) also refuses a file that gives weights to no learned layer;
+        otherwise (fine-tuning) that is a warning.
         """
         if isinstance(source, caffe_pb2.NetParameter):
             param, where = source, None
@@ -791,37 +805,56 @@ class Net:
             if not os.path.exists(where):
                 raise NetEngineError(f"weights file not found: {where}")
             if snapshot.is_hdf5(where):
-                return self.load_hdf5(where)
+                return self.load_hdf5(where, strict)
             param = snapshot.read_weights(where)
         by_name = self.layer_dict
-        ignored, copied = [], 0
-        for source_layer in list(param.layer) or list(param.layers):
+        ignored, copied = [], []
+        source_layers = list(param.layer) or list(param.layers)
+        for source_layer in source_layers:
             target = by_name.get(source_layer.name)
             if target is None:
                 ignored.append(source_layer.name)
                 continue
-            copied += bool(source_layer.blobs)
             self._copy_layer_blobs(target, source_layer, where)
+            if target.blobs:
+                copied.append(target.name)
+        self._report_copy(where or "NetParameter", [layer.name for layer in source_layers],
+                          ignored, copied, strict)
+        return ignored
+
+    def _report_copy(self, where: str, names: list[str], ignored: list[str], copied: list[str],
+                     strict: bool) -> None:
+        """Log what a weights file gave; refuse (strict) or warn when it gave nothing."""
         self.ignored_layers = ignored
         if ignored:
             log.info("copy_from %s: ignoring source layer(s) this net does not have: %s",
-                     where or "NetParameter", ", ".join(ignored))
-        if not copied and any(layer.blobs for layer in self.layers):
-            # Caffe carries on silently; a run on random weights deserves a warning.
-            log.warning("copy_from %s: no layer of this net got weights from it (no learned "
-                        "layer's name matches): its weights stay as initialised",
-                        where or "NetParameter")
-        return ignored
+                     where, _few(ignored))
+        if copied:
+            log.info("copy_from %s: copied the weights of %d layer(s): %s", where, len(copied),
+                     _few(copied))
+            return
+        learned = [layer.name for layer in self.layers if layer.blobs]
+        if not learned:
+            return
+        message = (f"no layer of this net gets weights from this file: it has layers "
+                   f"[{_few(names) or 'none'}], the net's learned layers are [{_few(learned)}] "
+                   "(the wrong weights file, or renamed layers?)")
+        if strict:
+            raise NetEngineError(message, file=where if where != "NetParameter" else None)
+        # Caffe carries on silently; a run on random weights deserves a warning.
+        log.warning("copy_from %s: %s; their weights stay as initialised", where, message)
 
     def _copy_layer_blobs(self, target: Layer, source_layer, where) -> None:
-        if not source_layer.blobs:
-            return
         if len(target.blobs) != len(source_layer.blobs):
             raise LayerError(f"incompatible number of blobs: the weights file has "
                              f"{len(source_layer.blobs)}, the net expects {len(target.blobs)}",
                              file=where, layer=target.name, layer_type=target.type)
         for j, (blob, proto) in enumerate(zip(target.blobs, source_layer.blobs)):
-            values = blob_from_proto(proto)
+            try:
+                values = blob_from_proto(proto)
+            except NetEngineError as err:
+                raise LayerError(f"param {j}: {err.message}", file=where, layer=target.name,
+                                 layer_type=target.type) from None
             if not proto_shape_matches(blob, proto):
                 raise LayerError(f"cannot copy param {j}: shape mismatch, the weights file has "
                                  f"{values.shape}, the net expects {blob.shape}; rename the layer "
@@ -863,15 +896,17 @@ class Net:
                     for layer in self.layers]
         snapshot.write_weights_hdf5(path, data, diff)
 
-    def load_hdf5(self, path: str) -> list[str]:
+    def load_hdf5(self, path: str, strict: bool = False) -> list[str]:
         """Copy weights from a ``.caffemodel.h5`` (Caffe's CopyTrainedLayersFromHDF5); returns
         the names of the file's layers this net does not have."""
         layers = snapshot.read_weights_hdf5(path)
         where = str(path)
+        copied = []
         for li, layer in enumerate(self.layers):
             arrays = layers.get(layer.name)
             if arrays is None or not layer.blobs:
                 continue
+            copied.append(layer.name)
             if len(arrays) > len(layer.blobs):
                 raise NetEngineError(f"incompatible number of blobs: the weights file has "
                                      f"{len(arrays)}, the net expects {len(layer.blobs)}",
@@ -888,8 +923,9 @@ class Net:
                                          f"{blob.shape}", file=where, layer=layer.name,
                                          layer_type=layer.type)
                 blob.data[...] = backend.to_module(arrays[j], blob.xp)
-        self.ignored_layers = [name for name in layers if name not in self.layer_dict]
-        return self.ignored_layers
+        ignored = [name for name in layers if name not in self.layer_dict]
+        self._report_copy(where, list(layers), ignored, copied, strict)
+        return ignored
 
     def __repr__(self) -> str:
         phase = caffe_pb2.Phase.Name(self.phase)

@@ -339,7 +339,7 @@ def test_copy_from_matching_no_layer_warns(monkeypatch):
     source = caffe_pb2.NetParameter()
     source.layer.add(name="other").blobs.add().data.extend([1.0])
     assert net.copy_from(source) == ["other"]
-    assert len(warnings) == 1 and "no layer of this net got weights from it" in warnings[0]
+    assert len(warnings) == 1 and "no layer of this net gets weights from this file" in warnings[0]
     layer = source.layer.add(name="ip2")
     layer.blobs.add().CopyFrom(blob_to_proto(net.params["ip2"][0]))
     layer.blobs.add().CopyFrom(blob_to_proto(net.params["ip2"][1]))

@@ -185,7 +185,8 @@ class Feeder(caffe.Layer):
 '''
 
 
-def test_python_layer_is_reached_as_the_users_object(tmp_path):
+def test_python_layer_is_reached_as_the_users_object(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))  # layer modules come from sys.path (Caffe's rule)
     (tmp_path / "feeder_mod.py").write_text(PY_MODULE)
     path = tmp_path / "py.prototxt"
     path.write_text('layer { name: "feed" type: "Python" top: "out" python_param { '
@@ -199,9 +200,10 @@ def test_python_layer_is_reached_as_the_users_object(tmp_path):
     assert np.all(net.forward()["out"] == 7.0)
 
 
-def test_a_users_seek_attribute_is_not_the_engines(tmp_path):
+def test_a_users_seek_attribute_is_not_the_engines(tmp_path, monkeypatch):
     """The solver seeks the engine's data layers on restore; a Python layer's own attribute
     of that name (reachable through the wrapper) is left alone."""
+    monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "seeker_mod.py").write_text(PY_MODULE + "\n    seek = 0\n")
     net = tmp_path / "py.prototxt"
     net.write_text('layer { name: "feed" type: "Python" top: "out" python_param { '

@@ -1,4 +1,4 @@
-"""Python layers: pycaffe's interface, module lookup (sys.path, then the prototxt's folder),
+"""Python layers: pycaffe's interface, module lookup (sys.path only; never the prototxt's folder),
 learned blobs, losses, stand-ins for Python data layers, one-line errors."""
 from __future__ import annotations
 
@@ -114,10 +114,12 @@ layer { name: "scale" type: "Python" bottom: "x" top: "y"
 
 
 @pytest.fixture
-def module_dir(tmp_path):
-    """A folder holding uniquely named layer modules (imports are cached by name)."""
+def module_dir(tmp_path, monkeypatch):
+    """A folder on sys.path holding uniquely named layer modules (imports are cached by
+    name); as in Caffe, the user puts it there (PYTHONPATH)."""
     name = f"pylayers_{tmp_path.name.replace('-', '_')}"
     (tmp_path / f"{name}.py").write_text(SCALE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path, name
     sys.modules.pop(name, None)
 
@@ -128,11 +130,27 @@ def write_net(folder, module, text=NET):
     return path
 
 
-def test_module_next_to_the_prototxt_forward_backward_and_params(module_dir):
+def test_module_only_beside_the_prototxt_is_refused_with_the_pythonpath(tmp_path):
+    name = f"beside_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text("import sys\nsys.BESIDE_RAN = True\n" + SCALE_MODULE)
+    with pytest.raises(LayerError) as err:
+        Net(str(write_net(tmp_path, name)), caffe_pb2.TRAIN)
+    assert f"PYTHONPATH={tmp_path}" in str(err.value) and "\n" not in str(err.value)
+    assert name not in sys.modules and not hasattr(sys, "BESIDE_RAN")  # never imported
+
+
+@pytest.mark.parametrize("module, layer", [("os", "system"), ("builtins", "print"),
+                                           ("os", "sep")])
+def test_python_param_layer_must_name_a_layer_class(tmp_path, module, layer):
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET.replace('"%s" layer: "ScaleLayer"', f'"{module}" layer: "{layer}"'))
+    with pytest.raises(LayerError, match="is not a layer class"):
+        Net(str(path))
+
+
+def test_module_on_the_path_forward_backward_and_params(module_dir):
     folder, module = module_dir
-    assert str(folder) not in sys.path
     net = Net(str(write_net(folder, module)), caffe_pb2.TRAIN)
-    assert str(folder) not in sys.path  # the folder is searched, not added for good
     calls = sys.modules[module].CALLS
     assert calls[0] == ("setup", caffe_pb2.TRAIN, "3")
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -224,7 +242,7 @@ def test_missing_module_class_and_user_errors_are_one_line(module_dir, tmp_path)
         Net(str(missing))
     text = str(err.value)
     assert "\n" not in text and "missing.prototxt:4" in text and "layer 'scale' (Python)" in text
-    assert "'no_such_module_xyz' not found" in text and str(tmp_path) in text
+    assert "'no_such_module_xyz' not found on sys.path" in text
     no_class = tmp_path / "no_class.prototxt"
     no_class.write_text((NET % module).replace("ScaleLayer", "Nope"))
     with pytest.raises(LayerError, match=f"module '{module}' has no class 'Nope'"):
@@ -239,7 +257,8 @@ def test_missing_module_class_and_user_errors_are_one_line(module_dir, tmp_path)
     assert isinstance(err.value.user_exception, ValueError)  # with its traceback
 
 
-def test_module_failing_to_import_and_pycaffe_import_hint(tmp_path):
+def test_module_failing_to_import_and_pycaffe_import_hint(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "bad_import_mod.py").write_text("import caffe\n")
     (tmp_path / "bad_code_mod.py").write_text("raise RuntimeError('at import')\n")
     for module, needle in (("bad_import_mod", "import netengine as caffe"),

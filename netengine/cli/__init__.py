@@ -1,17 +1,20 @@
 """Command-line tools shaped like Caffe's ``caffe train|test|time|device_query`` (the umbrella
 ``netengine <command>``, the tools/ wrappers and the ``netengine-*`` console scripts).
 
-Shared here: the flags every tool takes (``--gpu``, ``--level``, ``--stage``), the flag
-spellings every tool accepts (Caffe's ``-solver x`` and ``-solver=x``, and both ``--max_iter``
-and ``--max-iter``), the device choice, and the exit rule: 2 for a usage error (argparse's
-message), 1 for a file or net error (one line ``error: ...`` on stderr, never a traceback).
+Shared here: the flags every tool takes (``--gpu``, ``--level``, ``--stage``, ``--debug``), the
+flag spellings every tool accepts (Caffe's ``-solver x`` and ``-solver=x``, and both
+``--max_iter`` and ``--max-iter``), the device choice, and the exit rule: 2 for a usage error
+(argparse's message), 1 for a file or net error (one line ``error: ...`` on stderr, never a
+traceback; ``--debug`` or ``NETENGINE_DEBUG=1`` adds it back).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 
 from netengine import backend
@@ -31,6 +34,9 @@ def add_common_flags(parser: argparse.ArgumentParser, phase_default: str | None 
     parser.add_argument("--stage", action="append", default=[],
                         help="NetState stage(s): comma-separated and/or the flag repeated "
                              "(default none)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the Python traceback too (as "
+                             "NETENGINE_DEBUG=1 does)")
     if phase_default is not None:
         parser.add_argument("--phase", default=phase_default, choices=["TRAIN", "TEST"],
                             help=f"net phase (default {phase_default})")
@@ -110,19 +116,38 @@ def use_device(device: int | None) -> None:
     log.info("Use GPU with device ID %d", device, extra=at("caffe.cpp:225"))
 
 
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """True under ``--debug`` (or gflags' ``-debug``) or ``NETENGINE_DEBUG`` set to a true
+    value: errors then carry their Python traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    flag = os.environ.get("NETENGINE_DEBUG", "").strip().lower()
+    return flag not in ("", "0", "false", "no") or "--debug" in argv or "-debug" in argv
+
+
 def run(main: Callable[[], int]) -> int:
-    """Run a tool body with glog logging on stderr; NetEngineError → ``error: ...``, exit 1."""
+    """Run a tool body with glog logging on stderr; any error → one line ``error: ...`` and
+    exit 1 (130 for Ctrl-C), the traceback only under ``--debug``/``NETENGINE_DEBUG=1``."""
     install()
+    debug = debug_requested()
     try:
         return main()
-    except NetEngineError as err:
-        emit_error(err)
-        return 1
     except KeyboardInterrupt:
         emit_error(NetEngineError("interrupted"))
         return 130
-    except MemoryError:
-        emit_error(NetEngineError("out of memory (try a smaller batch_size)"))
+    except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        emit_error(_as_engine_error(err))
         return 1
     finally:
         sys.stderr.flush()
+
+
+def _as_engine_error(err: Exception) -> NetEngineError:
+    if isinstance(err, NetEngineError):
+        return err
+    if isinstance(err, MemoryError):
+        return NetEngineError("out of memory (try a smaller batch_size)")
+    # A failure no check foresaw: still one line, and the way to the details.
+    return NetEngineError(f"internal error: {type(err).__name__}: {err} (rerun with --debug or "
+                          "NETENGINE_DEBUG=1 for the traceback, and please report it)")

@@ -56,7 +56,7 @@ def score(args) -> int:
     net = Net(args.model, TEST if args.phase == "TEST" else TRAIN, level=args.level,
               stages=stages(args.stage))
     for name in filter(None, (s.strip() for s in args.weights.split(","))):
-        net.copy_from(name)
+        net.copy_from(name, strict=True)
     log.info("Running for %d iterations.", args.iterations, extra=at("caffe.cpp:304"))
     sums: dict[str, np.ndarray] = {}
     loss = 0.0

@@ -9,6 +9,7 @@ LMDB: a directory holding ``data.mdb``; keys are ``%08d`` record indices, values
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from netengine.data.images import decode_image
-from netengine.errors import NetEngineError
+from netengine.errors import NetEngineError, reading
 from netengine.proto import caffe_pb2
 
 
@@ -137,12 +138,57 @@ def is_leveldb(path: str | os.PathLike) -> bool:
 def read_lmdb_items(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
     """Every (key, value) of an LMDB, in key order (for tests and small databases)."""
     lmdb = import_lmdb()
-    env = lmdb.open(str(path), readonly=True, lock=False, subdir=Path(path).is_dir())
-    try:
-        with env.begin() as txn:
-            return [(bytes(k), bytes(v)) for k, v in txn.cursor()]
-    finally:
-        env.close()
+    check_lmdb_file(path)
+    with reading(path, "LMDB"):
+        env = lmdb.open(str(path), readonly=True, lock=False, subdir=Path(path).is_dir())
+        try:
+            with env.begin() as txn:
+                return [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+        finally:
+            env.close()
+
+
+# LMDB's file starts with two meta pages (page 0 and page 1). Each is a 16-byte page header
+# followed by MDB_meta: magic, version, address, map size, the two MDB_db records (48 bytes each;
+# the first one's md_pad holds the page size), the last used page number and the transaction id.
+# LMDB maps the file and reads pages up to the last used one: a file shorter than that dies of
+# SIGBUS inside the library, so the size is checked here, before the map is made.
+_LMDB_MAGIC = 0xBEEFC0DE
+_LMDB_META = struct.Struct("<I4x8x8xI44x48xQQ")  # magic, psize, last_pg, txnid (from offset 16)
+
+
+def check_lmdb_file(path: str | os.PathLike) -> None:
+    """Refuse an LMDB whose ``data.mdb`` is not an LMDB file or is shorter than the pages its
+    meta pages say are in use (a truncated copy), before anything maps it."""
+    path = Path(path)
+    data_file = path / "data.mdb" if path.is_dir() else path
+    with reading(data_file, "LMDB"):
+        size = data_file.stat().st_size
+        with open(data_file, "rb") as handle:
+            head = handle.read(16 + _LMDB_META.size)
+            magic, psize, _, _ = _meta(head, data_file)
+            if psize < 512 or psize & (psize - 1) or size < 2 * psize:
+                raise NetEngineError(f"truncated or damaged LMDB: {size} bytes, page size "
+                                     f"{psize}; expected two meta pages of a power-of-two size",
+                                     file=str(data_file))
+            handle.seek(psize)
+            metas = [_meta(head, data_file), _meta(handle.read(16 + _LMDB_META.size), data_file)]
+    last = max(metas, key=lambda meta: meta[3])[2]
+    need = (last + 1) * psize
+    if size < need:
+        raise NetEngineError(f"truncated LMDB: the file has {size} bytes, its meta page says "
+                             f"{last + 1} pages of {psize} bytes are in use ({need} bytes); "
+                             "copy the database again", file=str(data_file))
+
+
+def _meta(page: bytes, where) -> tuple[int, int, int, int]:
+    if len(page) < 16 + _LMDB_META.size:
+        raise NetEngineError("not an LMDB file (too short for its meta pages)", file=str(where))
+    meta = _LMDB_META.unpack_from(page, 16)
+    if meta[0] != _LMDB_MAGIC:
+        raise NetEngineError("not an LMDB file (no LMDB magic number in its meta page)",
+                             file=str(where))
+    return meta
 
 
 _HANDLES: dict[tuple[str, str], list] = {}  # (kind, realpath) -> [handle, number of users]
@@ -230,18 +276,17 @@ class LMDBSource(_DatumDB):
 
     def _open(self, path):
         lmdb = import_lmdb()
-        try:
+        check_lmdb_file(path)
+        with reading(path, "LMDB"):
             return lmdb.open(str(path), readonly=True, lock=False, readahead=False,
                              subdir=Path(path).is_dir(), max_readers=256)
-        except lmdb.Error as err:
-            raise NetEngineError(f"cannot open LMDB {path}: {err}") from None
 
     def _keys(self) -> list[bytes]:
-        with self.handle.begin() as txn:
+        with reading(self.name, "LMDB"), self.handle.begin() as txn:
             return [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
 
     def _values(self, keys: list[bytes]) -> list[bytes]:
-        with self.handle.begin(buffers=False) as txn:
+        with reading(self.name, "LMDB"), self.handle.begin(buffers=False) as txn:
             return [txn.get(key) for key in keys]
 
 
@@ -269,10 +314,12 @@ class LevelDBSource(_DatumDB):
             raise NetEngineError(f"cannot open LevelDB {path}: {err}") from None
 
     def _keys(self) -> list[bytes]:
-        return [bytes(k) for k in self.handle.iterator(include_value=False)]
+        with reading(self.name, "LevelDB"):  # plyvel.CorruptionError, IOError, ...
+            return [bytes(k) for k in self.handle.iterator(include_value=False)]
 
     def _values(self, keys: list[bytes]) -> list[bytes]:
-        return [self.handle.get(key) for key in keys]
+        with reading(self.name, "LevelDB"):
+            return [self.handle.get(key) for key in keys]
 
 
 def write_leveldb(path: str | os.PathLike, items: Iterable[tuple[bytes, bytes]]) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import io as _io
+import math
 import os
 import re
 import struct
@@ -26,6 +27,7 @@ from netengine.formats.prototxt import write_atomic
 
 IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_MAX_AXES = 32  # NumPy's array rank limit (32 before NumPy 2)
 _IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
               np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
 
@@ -58,12 +60,15 @@ def parse_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
     if code not in IDX_TYPES:
         raise NetEngineError(f"{where}: unknown IDX type code 0x{code:02X} (expected one of "
                              + ", ".join(f"0x{c:02X}" for c in IDX_TYPES) + ")")
+    if ndim > _MAX_AXES:
+        raise NetEngineError(f"{where}: an IDX header claiming {ndim} axes (expected at most "
+                             f"{_MAX_AXES})")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise NetEngineError(f"{where}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = IDX_TYPES[code]
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    need = math.prod(shape) * dtype.itemsize  # Python ints: a hostile header cannot wrap
     if len(data) - header < need:
         raise NetEngineError(f"{where}: truncated IDX file: shape {shape} needs {need} bytes "
                              f"of values, found {len(data) - header}")

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from netengine.errors import NetEngineError
+from netengine.errors import NetEngineError, reading
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,8 +74,6 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     except OSError as err:
         raise NetEngineError(f"cannot read {path}: {err.strerror or err}") from None
     if data[:2] == _GZIP_MAGIC:
-        try:
+        with reading(path, lead="corrupt gzip data"):  # zlib.error, EOFError, BadGzipFile, ...
             data = gzip.decompress(data)
-        except (OSError, EOFError) as err:
-            raise NetEngineError(f"{path}: corrupt gzip data ({err})") from None
     return data

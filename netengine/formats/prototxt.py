@@ -9,13 +9,15 @@ import difflib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from netengine.errors import FileWriteError, NetEngineError, NetSyntaxError
+from netengine.errors import FileWriteError, NetEngineError, NetSyntaxError, reading
 
 _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|#[^\n]*|[{}<>]|[A-Za-z_]\w*')
 _NAME = re.compile(r'\bname\s*:\s*"([^"]*)"')
@@ -236,11 +238,10 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
 def read_binary_proto(path: str | os.PathLike, message: pb_message.Message):
     """Parse a binary proto file (caffemodel, solverstate, binaryproto) into ``message``."""
     data = _read_bytes(path)
-    try:
+    # DecodeError, and whatever else a hostile byte string provokes in the decoder
+    with reading(path, cls=NetSyntaxError,
+                 lead=f"not a valid binary {message.DESCRIPTOR.name} ({len(data)} bytes)"):
         message.ParseFromString(data)
-    except pb_message.DecodeError as err:
-        raise NetSyntaxError(f"not a valid binary {message.DESCRIPTOR.name} "
-                             f"({len(data)} bytes): {err}", file=str(path)) from None
     return message
 
 
@@ -250,22 +251,39 @@ def read_proto(path: str | os.PathLike, message: pb_message.Message):
     try:
         message.ParseFromString(data)
         return message
-    except pb_message.DecodeError:
+    except Exception:  # noqa: BLE001 - not binary (DecodeError or worse): try it as text
         message.Clear()
     return parse_text(data.decode("utf-8", errors="replace"), message, str(path))
+
+
+_GROUPS: list[list[tuple[str, Path]]] = []  # open atomic_group()s: (temporary, target) pairs
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` so that ``path`` holds either its old content or all of the new.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, then renamed
-    over ``path``: a crash or kill at any moment never leaves a truncated file.
+    over ``path``: a crash or kill at any moment never leaves a truncated file. Inside
+    :func:`atomic_group` the rename waits for the end of the group.
     """
     path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = _write_temporary(path, data.encode("utf-8") if isinstance(data, str) else data)
+    if _GROUPS:
+        _GROUPS[-1].append((tmp, path))
+        return
+    _commit(tmp, path)
+
+
+def temporary_prefix(path: str | os.PathLike) -> str:
+    """The name every temporary file for ``path`` starts with (hidden, in the same folder)."""
+    return f".{Path(path).name}."
+
+
+def _write_temporary(path: Path, payload: bytes) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp",
+                                   dir=path.parent)
     except OSError as err:  # name the file asked for, not the temporary one
         raise FileWriteError(path, err) from None
     try:
@@ -277,15 +295,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink(tmp)
         if isinstance(err, OSError):
             raise FileWriteError(path, err) from None
         raise
+    return tmp
+
+
+def _commit(tmp: str, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as err:
+        _unlink(tmp)
+        raise FileWriteError(path, err) from None
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -296,6 +319,38 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         pass
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+@contextmanager
+def atomic_group() -> Iterator[None]:
+    """Files written with :func:`write_atomic` inside the block are all written to temporary
+    files first and renamed into place only when the block ends, in the order written: a kill
+    before that leaves none of them changed (e.g. a snapshot's caffemodel and solverstate,
+    the state renamed last). On an error the temporaries are removed."""
+    group: list[tuple[str, Path]] = []
+    _GROUPS.append(group)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in group:
+            _unlink(tmp)
+        raise
+    finally:
+        _GROUPS.remove(group)
+    for k, (tmp, path) in enumerate(group):
+        try:
+            _commit(tmp, path)
+        except BaseException:
+            for later, _ in group[k + 1:]:
+                _unlink(later)
+            raise
+
+
 def write_binary_proto(path: str | os.PathLike, message: pb_message.Message) -> None:
     write_atomic(path, message.SerializeToString())
 
@@ -304,6 +359,6 @@ def write_text_proto(path: str | os.PathLike, message: pb_message.Message) -> No
     write_atomic(path, text_format.MessageToString(message))
 
 
-__all__ = ["LayerBlock", "SourceMap", "layer_blocks", "parse_text", "read_binary_proto",
-           "read_proto", "read_text_file", "read_text_proto", "write_atomic",
-           "write_binary_proto", "write_text_proto"]
+__all__ = ["LayerBlock", "SourceMap", "atomic_group", "layer_blocks", "parse_text",
+           "read_binary_proto", "read_proto", "read_text_file", "read_text_proto",
+           "temporary_prefix", "write_atomic", "write_binary_proto", "write_text_proto"]

@@ -36,6 +36,7 @@ import numpy as np
 from netengine import backend
 from netengine.blob import blob_array, blob_proto
 from netengine.errors import NetEngineError, NetSyntaxError, SolverError
+from netengine.formats.hdf5 import import_h5py, open_hdf5
 from netengine.formats.prototxt import read_binary_proto, write_atomic, write_binary_proto
 from netengine.proto import caffe_pb2
 
@@ -55,12 +56,7 @@ def is_hdf5(path: str | os.PathLike) -> bool:
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise NetEngineError("HDF5 snapshots need h5py: pip install 'netengine[hdf5]' "
-                             "(or use snapshot_format: BINARYPROTO)") from None
-    return h5py
+    return import_h5py("HDF5 snapshots (use snapshot_format: BINARYPROTO without it)")
 
 
 def _h5_bytes(fill) -> bytes:
@@ -106,15 +102,17 @@ def read_weights_hdf5(path: str | os.PathLike) -> dict[str, dict[int, np.ndarray
     """The ``data`` group of a ``.caffemodel.h5``: {layer name: {param index: float32 array}},
     in the file's order (Caffe's CopyTrainedLayersFromHDF5 reads the same)."""
     h5py = _h5py()
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise NetEngineError(f"cannot read HDF5 weights {path}: {err}") from None
-    with handle:
-        if "data" not in handle:
-            raise NetEngineError(f"{path} is not a Caffe HDF5 weights file (no 'data' group)")
+    with open_hdf5(path, "HDF5 weights") as handle:
+        data = handle.get("data")
+        if not isinstance(data, h5py.Group):
+            raise NetEngineError("not a Caffe HDF5 weights file: expected a group 'data' holding "
+                                 "one group per layer" + (", found a dataset" if data else ""),
+                                 file=str(path))
         layers: dict[str, dict[int, np.ndarray]] = {}
-        for name, group in handle["data"].items():
+        for name, group in data.items():
+            if not isinstance(group, h5py.Group):
+                raise NetEngineError(f"'data/{name}' is a dataset; expected a group of the "
+                                     "layer's params 0, 1, ...", file=str(path))
             layers[name] = {int(j): np.asarray(group[j][()], dtype=np.float32)
                             for j in group if j.isdigit()}
         return layers
@@ -182,7 +180,13 @@ def read_state(path: str | os.PathLike) -> SolverStateData:
         history = [blob_array(blob) for blob in message.history]
     except NetEngineError as err:
         raise SolverError(f"bad history blob: {err}", file=str(path)) from None
-    return SolverStateData(message.iter, message.learned_net, history, message.current_step)
+    return SolverStateData(message.iter, _text(message.learned_net), history,
+                           message.current_step)
+
+
+def _text(value) -> str:
+    """A proto string field as text (a damaged file may carry bytes that are not UTF-8)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def read_weights(path: str) -> caffe_pb2.NetParameter:
@@ -229,16 +233,16 @@ def _refuse_weights_as_state(path: Path) -> None:
 def _scalar_int(handle, name: str, path) -> int:
     if name not in handle:
         raise SolverError(f"HDF5 solver state has no '{name}' dataset", file=str(path))
-    return int(np.asarray(handle[name][()]).reshape(-1)[0])
+    values = np.asarray(handle[name][()]).reshape(-1)
+    if values.size != 1 or values.dtype.kind not in "iu":
+        raise SolverError(f"HDF5 solver state: '{name}' must hold one integer, found "
+                          f"{values.size} value(s) of type {values.dtype}", file=str(path))
+    return int(values[0])
 
 
 def _read_state_hdf5(path: Path) -> SolverStateData:
     h5py = _h5py()
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise SolverError(f"cannot read HDF5 solver state: {err}", file=str(path)) from None
-    with handle:
+    with open_hdf5(path, "HDF5 solver state", SolverError) as handle:
         state = SolverStateData(iter=_scalar_int(handle, "iter", path))
         if "learned_net" in handle:
             raw = handle["learned_net"][()]
@@ -247,6 +251,9 @@ def _read_state_hdf5(path: Path) -> SolverStateData:
                                  else str(raw)).rstrip("\0")
         state.current_step = _scalar_int(handle, "current_step", path)
         history = handle.get("history")
+        if history is not None and not isinstance(history, h5py.Group):
+            raise SolverError("'history' is a dataset; expected a group of blobs 0, 1, ...",
+                              file=str(path))
         count = len(history) if history is not None else 0
         for i in range(count):
             if str(i) not in history:
@@ -258,6 +265,9 @@ def _read_state_hdf5(path: Path) -> SolverStateData:
 def resolve_learned_net(learned_net: str, state_path: str | os.PathLike) -> Path:
     """The weights file a solverstate names: as written (relative to the current directory,
     Caffe's rule), else beside the solverstate."""
+    if "\0" in learned_net:
+        raise SolverError("the solver state's learned_net holds a NUL character; expected the "
+                          "path of its caffemodel", file=str(state_path))
     named = Path(learned_net)
     candidates = [named]
     if not named.is_absolute():

@@ -23,6 +23,7 @@ from netengine.data.images import decode_image, import_pillow, read_image, resiz
 from netengine.data.sources import read_bytes, resolve_source, search_description
 from netengine.data.transform import Transformer, read_mean_file
 from netengine.errors import DataSourceError, LayerError, NetEngineError
+from netengine.formats.hdf5 import open_hdf5
 from netengine.layers.base import Layer, register
 from netengine.proto import caffe_pb2
 
@@ -50,8 +51,9 @@ class Input(Layer):
         for i, blob in enumerate(top):
             if shapes:
                 dims = tuple(shapes[0 if len(shapes) == 1 else i].dim)
-                if any(d < 0 for d in dims):
-                    raise self.fail(f"input shape {dims} has a negative dimension")
+                if any(d < 1 for d in dims):
+                    raise self.fail(f"input shape {dims} has a zero or negative dimension: "
+                                    "expected every dim >= 1 (the first is the batch size)")
                 blob.reshape(dims)
 
     def reshape(self, bottom, top) -> None:
@@ -185,7 +187,7 @@ def _image_source(layer: Layer, field: str, param) -> Path:
     try:
         import_pillow()
     except NetEngineError as err:
-        raise layer.fail(err.message) from None
+        raise layer.fail(err.detail) from None
     if param.batch_size <= 0:
         raise layer.fail(f"{field}.batch_size must be positive")
     return source
@@ -233,7 +235,7 @@ class Data(Layer):
             shape = self.transformer.output_shape(self.source.shape)
         except NetEngineError as err:
             self.source.close()
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
         self.seed = _random_seed()
         self.skip = 0
         if p.rand_skip:
@@ -270,7 +272,7 @@ class Data(Layer):
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
 
     def _forced_color(self) -> bool | None:
         """transform_param's force_color (True) / force_gray (False) for encoded records."""
@@ -301,7 +303,7 @@ class Data(Layer):
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
 
     def _batch_maker(self):
         """A function of the batch index only (no reference to the layer): safe in a thread."""
@@ -345,7 +347,7 @@ class Data(Layer):
             else:
                 batch = self.prefetcher.get(index)
         except NetEngineError as err:
-            raise self.fail(f"batch {index}: {err.message}") from None
+            raise self.fail(f"batch {index}: {err.detail}") from None
         except Exception as err:
             raise self.fail(f"reading batch {index} failed: {type(err).__name__}: {err}") from err
         self._next = index + 1
@@ -572,10 +574,9 @@ class HDF5Data(Layer):
             blob.reshape((self.batch_size, *array.shape[1:]))
 
     def _open(self, path: Path):
-        try:
-            return self._h5py.File(path, "r")
-        except OSError as err:
-            raise self.fail(f"cannot open HDF5 file {path}: {err}") from None
+        """The file read-only, self-contained (no external links), any h5py failure on a
+        damaged file turned into one line naming it."""
+        return open_hdf5(path, "HDF5 data file", LayerError)
 
     def _row_count(self, path: Path) -> int:
         with self._open(path) as handle:
@@ -830,7 +831,7 @@ class ImageData(Data):
             first = self.images.load(self.images.line(self.skip))
             shape = self.transformer.output_shape(first.shape)
         except NetEngineError as err:
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
         self._next = 0
         top[0].reshape((self.batch_size, *shape))
         top[1].reshape((self.batch_size,))
@@ -973,7 +974,7 @@ class WindowData(Data):
         except NetEngineError as err:
             if isinstance(err, LayerError) and err.layer is not None:
                 raise
-            raise self.fail(err.message) from None
+            raise self.fail(err.detail) from None
         self.seed = _random_seed()
         self.source = None
         self._next = 0

@@ -104,7 +104,11 @@ class Pooling(Layer):
         for blob in top:
             blob.reshape(top_shape)
         xp, dtype = bottom[0].xp, bottom[0].dtype
-        self.pool.configure(xp, dtype, shape, self.kernel, self.stride, self.pad, out)
+        # A kernel wider than the padded input pools the same cells as one just as wide
+        # (Caffe clips every window to the padded extent): the loops then stay that small.
+        kernel = tuple(min(k, size + 2 * p) for k, size, p in
+                       zip(self.kernel, shape[2:], self.pad))
+        self.pool.configure(xp, dtype, shape, kernel, self.stride, self.pad, out)
         if getattr(self, "_choice_key", None) != (xp, top_shape):
             self._choice_key = (xp, top_shape)
             self.choice = xp.empty(top_shape, dtype=self.pool.index_dtype())

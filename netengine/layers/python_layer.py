@@ -4,11 +4,12 @@
             python_param { module: "my_layers" layer: "MyDataLayer" param_str: "{'k': 3}" } }
 
 **This layer runs the user's code, by design.** Building a net that holds a Python layer
-imports ``python_param.module`` (from ``sys.path``, then from the folder of the prototxt) and
-calls the class named by ``python_param.layer``: whatever that module does at import or in its
-methods happens with your privileges. Only build nets whose Python modules you trust. Nothing
-else in netengine ever executes code named by a model file; a net without Python layers runs
-no user code.
+imports ``python_param.module`` (from ``sys.path`` only, as Caffe does: a module beside the
+prototxt is refused with the ``PYTHONPATH`` to use) and instantiates the class named by
+``python_param.layer`` (a class, never any other callable): whatever that module does at
+import or in its methods happens with your privileges. Only build nets whose Python modules you
+trust. Nothing else in netengine ever executes code named by a model file; a net without
+Python layers runs no user code.
 
 The class follows pycaffe's interface (subclass :class:`PythonLayerBase`, pycaffe's
 ``caffe.Layer``, or write the same methods on any class):
@@ -31,6 +32,7 @@ is), copied back to the device after each call.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -143,8 +145,11 @@ def _folder_of(source_file) -> str | None:
 
 
 def import_layer_module(module: str, folder: str | None = None):
-    """Import ``module`` from ``sys.path``, else from ``folder``; None where it is absent.
+    """Import ``module`` from ``sys.path`` only (Caffe's rule); None where it is absent.
 
+    ``folder`` (the prototxt's) is never imported from: a module that merely sits beside a
+    downloaded prototxt would run with the user's privileges. When the module is found only
+    there, :class:`BesideOnly` says so, so the error can give the exact ``PYTHONPATH``.
     Errors raised by the module's own code propagate (they are the user's).
     """
     with _IMPORT_LOCK:
@@ -156,21 +161,37 @@ def import_layer_module(module: str, folder: str | None = None):
             found = False
         if found:
             return importlib.import_module(module)
-        if folder is None or not os.path.isdir(folder):
-            return None
-        sys.path.append(folder)
-        try:
-            try:
-                if importlib.util.find_spec(module) is None:
-                    return None
-            except (ImportError, ValueError):
-                return None
-            return importlib.import_module(module)
-        finally:
-            try:
-                sys.path.remove(folder)
-            except ValueError:
-                pass
+        if folder and os.path.isdir(folder) and _finds(module, folder):
+            raise BesideOnly(folder)
+        return None
+
+
+class BesideOnly(Exception):
+    """The layer module exists only in the prototxt's folder, which is not on sys.path."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(folder)
+        self.folder = folder
+
+
+def _finds(module: str, folder: str) -> bool:
+    """Whether ``module``'s top-level package or file is in ``folder`` (nothing is run)."""
+    try:
+        return importlib.machinery.PathFinder.find_spec(module.split(".")[0], [folder]) \
+            is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_METHODS = ("setup", "reshape", "forward", "backward")
+
+
+def _is_layer_class(cls) -> bool:
+    """A class deriving from caffe.Layer, or one with the four methods of the interface."""
+    if not isinstance(cls, type):
+        return False
+    return issubclass(cls, PythonLayerBase) or all(
+        callable(getattr(cls, name, None)) for name in _METHODS)
 
 
 @register
@@ -206,6 +227,11 @@ class Python(Layer):
         folder = _folder_of(getattr(self, "source_file", None))
         try:
             module = import_layer_module(spec.module, folder)
+        except BesideOnly as err:
+            raise self.fail(f"Python layer module '{spec.module}' is not on sys.path; it sits "
+                            f"beside the prototxt, which is not imported from (it would run "
+                            f"code that came with the net): if you trust it, run with "
+                            f"PYTHONPATH={err.folder}") from None
         except ModuleNotFoundError as err:
             hint = ""
             if err.name == "caffe":
@@ -217,16 +243,21 @@ class Python(Layer):
             raise self.fail(f"Python layer module '{spec.module}' failed to import: "
                             f"{type(err).__name__}: {err}") from err
         if module is None:
-            where = "sys.path" + (f" and {folder}" if folder else "")
             if not self.layer_param.bottom:  # a Python data layer
                 raise self.fail(f"missing data source: Python layer module '{spec.module}' not "
-                                f"found (looked in {where}); put it on PYTHONPATH or next to "
-                                "the prototxt", DataSourceError)
-            raise self.fail(f"Python layer module '{spec.module}' not found (looked in {where});"
-                            " put it on PYTHONPATH or next to the prototxt")
+                                "found on sys.path; put its folder on PYTHONPATH",
+                                DataSourceError)
+            raise self.fail(f"Python layer module '{spec.module}' not found on sys.path; put "
+                            "its folder on PYTHONPATH")
         cls = getattr(module, spec.layer, None)
-        if cls is None or not callable(cls):
+        if cls is None:
             raise self.fail(f"Python layer module '{spec.module}' has no class '{spec.layer}'")
+        if not _is_layer_class(cls):
+            # Checked before anything is called: python_param must not name any callable
+            # (module: "os" layer: "system" would run a shell command).
+            raise self.fail(f"python_param.layer '{spec.module}.{spec.layer}' is not a layer "
+                            f"class: expected a subclass of caffe.Layer (netengine.Layer) or a "
+                            f"class with {', '.join(_METHODS)}")
         return cls
 
     def _instantiate(self, cls):

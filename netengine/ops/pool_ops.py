@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from netengine import backend
+from netengine.errors import NetEngineError
 from netengine.ops import jit
 
 FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's MAX init, whatever the dtype
@@ -60,6 +62,11 @@ class Pool2d:
         self.ext_w = max(width + self.pw, (ow - 1) * self.sw + self.kw)
         self.direct = (self.ph == 0 and self.pw == 0 and self.ext_h == height
                        and self.ext_w == width)
+        padded = math.prod(self.shape[:2]) * self.ext_h * self.ext_w
+        if not self.direct and not backend.fits_in_memory(padded, np.dtype(dtype).itemsize, xp):
+            raise NetEngineError(f"pooling windows reaching {self.ext_h}x{self.ext_w} cells "
+                                 f"(kernel {kernel}, stride {stride}, pad {pad}) need a padded "
+                                 f"copy of {padded} values, more than the memory here")
         # Non-overlapping windows that tile the input exactly: backward may assign, not add.
         self.tiles = (self.direct and self.sh == self.kh and self.sw == self.kw
                       and oh * self.sh == height and ow * self.sw == width)

@@ -80,6 +80,10 @@ def check(param, file: str | None = None) -> None:
                           file=file)
     if policy == "poly" and param.max_iter <= 0:
         raise SolverError("lr_policy 'poly' needs max_iter > 0", file=file)
+    if policy in ("inv", "poly") and param.power < 0:
+        # a negative power makes the rate grow without bound (poly: divides by 0 at max_iter)
+        raise SolverError(f"lr_policy '{policy}' needs power >= 0, got {param.power:g}",
+                          file=file)
 
 
 def learning_rate(param, it: int, current_step: int = 0) -> tuple[float, int]:
@@ -89,4 +93,10 @@ def learning_rate(param, it: int, current_step: int = 0) -> tuple[float, int]:
     except KeyError:
         check(param)
         raise
-    return policy(param, it, current_step)
+    try:
+        return policy(param, it, current_step)
+    except (OverflowError, ZeroDivisionError):  # e.g. exp with gamma > 1 after many iterations
+        raise SolverError(f"lr_policy '{param.lr_policy}': the learning rate overflows at "
+                          f"iteration {it} (base_lr {param.base_lr:g}, gamma {param.gamma:g}, "
+                          f"power {param.power:g}); expected settings that keep it finite") \
+            from None

@@ -168,6 +168,9 @@ class AdaDeltaSolver(SGDSolver):
     history_sets = 2
     scratch_buffers = 2
 
+    def check_param(self) -> None:
+        self.check_range("momentum", 0, 1, high_open=False)
+
     def compute_update_value(self, i: int, rate: float) -> None:
         blob = self.net.learnable_params[i]
         xp, g = blob.xp, blob.diff
@@ -200,6 +203,11 @@ class AdamSolver(SGDSolver):
 
     type = "Adam"
     history_sets = 2
+
+    def check_param(self) -> None:
+        # The bias correction divides by 1 - momentum^t and takes sqrt(1 - momentum2^t).
+        self.check_range("momentum", 0, 1)
+        self.check_range("momentum2", 0, 1)
 
     def compute_update_value(self, i: int, rate: float) -> None:
         blob = self.net.learnable_params[i]

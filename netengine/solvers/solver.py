@@ -35,6 +35,7 @@ before stopping (Caffe only does when ``snapshot_after_train`` is true).
 """
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
@@ -51,7 +52,7 @@ from netengine.blob import Blob
 from netengine.data.sources import add_search_dir
 from netengine.errors import NetEngineError, SolverError
 from netengine.formats import snapshot, upgrade
-from netengine.formats.prototxt import read_text_proto
+from netengine.formats.prototxt import atomic_group, read_text_proto, temporary_prefix
 from netengine.logging_glog import at, fmt
 from netengine.net import Net
 from netengine.proto import caffe_pb2
@@ -74,9 +75,34 @@ def read_solver_param(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
     upgrade.upgrade_solver(param, file=str(path))
     if not param.HasField("snapshot_prefix"):
         param.snapshot_prefix = str(Path(path).with_suffix(""))
-    elif param.snapshot_prefix and Path(param.snapshot_prefix).is_dir():
-        param.snapshot_prefix = str(Path(param.snapshot_prefix) / Path(path).stem)
+    else:
+        _check_snapshot_prefix_name(param.snapshot_prefix, path)
+        if param.snapshot_prefix and Path(param.snapshot_prefix).is_dir():
+            param.snapshot_prefix = str(Path(param.snapshot_prefix) / Path(path).stem)
     return param
+
+
+# Room a snapshot's name needs after the prefix and around it for its temporary file
+# ("._iter_<10 digits>.solverstate.h5.<8 random>.tmp"), within the usual file-system limits.
+_NAME_MAX, _PATH_MAX, _SNAPSHOT_ROOM = 255, 4096, 50
+
+
+def _check_snapshot_prefix_name(prefix: str, solver_file) -> None:
+    """Refuse a snapshot_prefix no file system can hold (before training, not at the first
+    snapshot): a NUL byte, a name part or a whole path that is too long."""
+    longest = max((len(part.encode()) for part in Path(prefix).parts), default=0)
+    problem = None
+    if "\0" in prefix:
+        problem = "contains a NUL character"
+    elif longest > _NAME_MAX - _SNAPSHOT_ROOM:
+        problem = (f"has a name part of {longest} bytes; at most "
+                   f"{_NAME_MAX - _SNAPSHOT_ROOM} fit with the '_iter_N.solverstate' ending")
+    elif len(prefix.encode()) > _PATH_MAX - _SNAPSHOT_ROOM:
+        problem = (f"is {len(prefix.encode())} bytes long; at most "
+                   f"{_PATH_MAX - _SNAPSHOT_ROOM} fit in a path")
+    if problem:
+        raise SolverError(f"snapshot_prefix {problem}: expected a folder and a file stem, e.g. "
+                          "'snapshots/lenet'", file=str(solver_file))
 
 
 def _mixed_seed(seed: int, iteration: int) -> int:
@@ -159,6 +185,7 @@ class Solver:
         if p.regularization_type not in ("L2", "L1"):
             raise self._fail(f"unknown regularization_type '{p.regularization_type}'; "
                              "expected L2 or L1")
+        self._check_finite()
         lr_policy.check(p, self.solver_file)
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             try:
@@ -171,6 +198,25 @@ class Solver:
     def check_param(self) -> None:
         """Type-specific checks of the solver parameters (Caffe's CHECKs in each PreSolve)."""
 
+    def check_range(self, name: str, low: float, high: float, high_open: bool = True) -> None:
+        """Refuse ``param.<name>`` outside [low, high) (or [low, high]), naming the range."""
+        value = getattr(self.param, name)
+        if not (low <= value < high or not high_open and value == high):
+            bracket = ")" if high_open else "]"
+            raise self._fail(f"{self.type or type(self).__name__} needs {name} in "
+                             f"[{low:g}, {high:g}{bracket}, got {value:g}")
+
+    def _check_finite(self) -> None:
+        """Every real-valued setting must be a finite number (a NaN or inf base_lr, gamma,
+        ... would only show up later as a NaN loss or an overflow)."""
+        for descriptor, value in self.param.ListFields():
+            if descriptor.cpp_type == descriptor.CPPTYPE_FLOAT or \
+                    descriptor.cpp_type == descriptor.CPPTYPE_DOUBLE:
+                values = [value] if isinstance(value, float) else list(value)
+                if not all(math.isfinite(v) for v in values):
+                    raise self._fail(f"{descriptor.name} must be a finite number, got "
+                                     f"{', '.join(f'{v:g}' for v in values)}")
+
     def _add_data_search_dir(self) -> None:
         if self._base_dir is None:
             return
@@ -182,12 +228,17 @@ class Solver:
         if named.is_absolute() or named.exists() or self._base_dir is None:
             if not named.exists():
                 raise self._fail(f"{what} not found: {path}")
-            return str(named)
+            return self._file(named, path, what)
         beside = self._base_dir / named
         if beside.exists():
-            return str(beside)
+            return self._file(beside, path, what)
         places = dict.fromkeys([str(Path.cwd()), str(self._base_dir.resolve())])
         raise self._fail(f"{what} not found: {path} (looked in {' and '.join(places)})")
+
+    def _file(self, found: Path, path: str, what: str) -> str:
+        if found.is_dir():
+            raise self._fail(f"{what} '{path}' is a folder ({found.resolve()}); expected a file")
+        return str(found)
 
     def _make_net(self, source, phase: int, override, default_phase: int, what: str) -> Net:
         """Build a net with Caffe's NetState precedence: solver default < net's own < override."""
@@ -350,9 +401,9 @@ class Solver:
                     loss += net.forward_backward()
             loss /= p.iter_size
             if not math.isfinite(loss):
-                raise SolverError(f"iteration {self.iter}: the loss is {loss} (not finite); "
-                                  "training stopped: lower base_lr, clip_gradients, or check "
-                                  "the data and the net")
+                raise self._fail(f"iteration {self.iter}: the loss is {loss} (not finite); "
+                                 "training stopped: lower base_lr, clip_gradients, or check "
+                                 "the data and the net")
             self._update_smoothed_loss(loss)
             if display:
                 self._display()
@@ -383,6 +434,7 @@ class Solver:
         self.requested_early_exit = False
         if p.snapshot or p.snapshot_after_train:
             self._check_snapshot_prefix()
+        self._remove_stale_temporaries()
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file,
                      extra=at("solver.cpp:295"))
@@ -448,8 +500,11 @@ class Solver:
     def get_learning_rate(self) -> float:
         """The rate at the current iteration (advances ``current_step`` for multistep/step)."""
         before = self.current_step
-        rate, self.current_step = lr_policy.learning_rate(self.param, self.iter,
-                                                          self.current_step)
+        try:
+            rate, self.current_step = lr_policy.learning_rate(self.param, self.iter,
+                                                              self.current_step)
+        except SolverError as err:
+            raise err.with_context(file=self.solver_file) from None
         if self.param.lr_policy == "multistep" and self.current_step != before:
             log.info("MultiStep Status: Iteration %d, step = %d", self.iter, self.current_step,
                      extra=at("sgd_solver.cpp:63"))
@@ -580,10 +635,22 @@ class Solver:
             fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=folder)
             os.close(fd)
             os.unlink(probe)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a NUL byte in the prefix
             raise self._fail(f"cannot write to snapshot_prefix '{self.param.snapshot_prefix}' "
                              f"({err.strerror or err}: {err.filename or folder}); make sure its "
                              "folder exists or can be created, and is writable") from None
+
+    def _remove_stale_temporaries(self) -> None:
+        """A run killed while writing a snapshot leaves hidden temporaries of this prefix's
+        files (``.<prefix>_iter_N.caffemodel.XXXX.tmp``): remove them before training."""
+        first = Path(self.snapshot_filename(""))
+        start = temporary_prefix(first).rsplit("_iter_", 1)[0] + "_iter_"
+        try:
+            for leftover in first.parent.glob(f"{glob.escape(start)}*.tmp"):
+                log.info("Removing %s, left by an interrupted snapshot", leftover)
+                leftover.unlink(missing_ok=True)
+        except OSError:  # no such folder yet, or not ours to clean: nothing to do
+            pass
 
     def snapshot(self) -> tuple[str, str]:
         """Write ``<prefix>_iter_N.caffemodel`` and ``.solverstate`` (``.h5`` variants with
@@ -594,19 +661,21 @@ class Solver:
         state_path = self.snapshot_filename(".solverstate.h5" if hdf5 else ".solverstate")
         kind = "HDF5 file" if hdf5 else "binary proto file"
         try:
-            log.info("Snapshotting to %s %s", kind, model, extra=at("solver.cpp:454"))
-            if hdf5:
-                self.net.save_hdf5(model, p.snapshot_diff)
-            else:
-                snapshot.write_weights(model, self.net.to_proto(p.snapshot_diff))
-            state = snapshot.SolverStateData(self.iter, model, [h.data for h in self.history],
-                                             self.current_step)
-            log.info("Snapshotting solver state to %s %s", kind, state_path,
-                     extra=at("sgd_solver.cpp:273"))
-            if hdf5:
-                snapshot.write_state_hdf5(state_path, state)
-            else:
-                snapshot.write_state(state_path, state)
+            with atomic_group():  # renamed into place at the end, the state last
+                log.info("Snapshotting to %s %s", kind, model, extra=at("solver.cpp:454"))
+                if hdf5:
+                    self.net.save_hdf5(model, p.snapshot_diff)
+                else:
+                    snapshot.write_weights(model, self.net.to_proto(p.snapshot_diff))
+                state = snapshot.SolverStateData(self.iter, model,
+                                                 [h.data for h in self.history],
+                                                 self.current_step)
+                log.info("Snapshotting solver state to %s %s", kind, state_path,
+                         extra=at("sgd_solver.cpp:273"))
+                if hdf5:
+                    snapshot.write_state_hdf5(state_path, state)
+                else:
+                    snapshot.write_state(state_path, state)
         except OSError as err:
             raise SolverError(f"cannot write snapshot: {err.strerror or err}: "
                               f"{err.filename or model}") from None
@@ -617,6 +686,7 @@ class Solver:
         """Resume from a solverstate (ours or Caffe's, binary or HDF5): weights, iter,
         current_step, history; moves seekable data layers to where the run left off."""
         state = snapshot.read_state(state_file)
+        self._check_state(state, state_file)
         if len(state.history) != len(self.history):
             raise SolverError(f"the solver state has {len(state.history)} history blobs, this "
                               f"{type(self).__name__} on this net needs {len(self.history)} "
@@ -625,9 +695,8 @@ class Solver:
             if values.size != blob.count:
                 raise SolverError(f"history blob {i} has {values.size} values, the param "
                                   f"needs {blob.count} {blob.shape}", file=str(state_file))
-        if state.learned_net:
-            weights = snapshot.resolve_learned_net(state.learned_net, state_file)
-            self.net.copy_from(weights)
+        weights = snapshot.resolve_learned_net(state.learned_net, state_file)
+        self.net.copy_from(weights, strict=True)
         self.iter = int(state.iter)
         self.current_step = int(state.current_step)
         log.info("SGDSolver: restoring history", extra=at("sgd_solver.cpp:341"))
@@ -636,6 +705,18 @@ class Solver:
                                                blob.xp)
         self._last_snapshot_iter = self.iter
         self.seek_data()
+
+    def _check_state(self, state: snapshot.SolverStateData, state_file) -> None:
+        """Refuse a state that cannot have been written by a run of this solver."""
+        if state.iter < 0 or state.current_step < 0:
+            raise SolverError(f"iter ({state.iter}) and current_step ({state.current_step}) "
+                              "must be >= 0", file=str(state_file))
+        if not state.learned_net:
+            beside = Path(state_file).name.replace(".solverstate", ".caffemodel")
+            raise SolverError("the solver state names no weights file (learned_net is empty): "
+                              f"its weights would restart from scratch; expected the caffemodel "
+                              f"written with it (e.g. {beside}) for solver {self.solver_file}",
+                              file=str(state_file))
 
     def tests_done_before(self, it: int) -> int:
         """How many test points a run has passed before iteration ``it``."""
