@@ -27,10 +27,11 @@ import argparse
 import logging
 import signal
 
-from netengine import backend
+from netengine import backend, parallel
 from netengine.cli import add_common_flags, gpu_id, parse_caffe_args, run, stages, use_device
 from netengine.errors import NetEngineError
 from netengine.logging_glog import at, progress
+from netengine.parallel import launch, threads
 from netengine.proto import caffe_pb2
 
 log = logging.getLogger("netengine.cli")
@@ -119,9 +120,42 @@ def _device(args, param) -> int | None:
     return None
 
 
+def _parallel_device(args, param, dp) -> int | None:
+    """The GPU of this rank (``--gpu 0,1``: the local rank's), or of the one process; a list
+    given to one process starts one rank per GPU under mpiexec."""
+    if dp is not None:
+        ids = launch.gpu_list(args.gpu)
+        if ids is None:
+            return _device(args, param)
+        return launch.rank_gpu(ids, dp.comm.local_rank, dp.comm.local_size)
+    if "," in args.gpu:
+        ids = launch.gpu_list(args.gpu)
+        if len(ids) > 1:
+            launch.relaunch(len(ids))
+    return _device(args, param)
+
+
 def train(args) -> int:
+    """Train in this process; under mpiexec with N > 1 ranks, as one rank of a data-parallel
+    run (``netengine.parallel``), where a failing rank ends the whole job."""
+    comm = parallel.world()
+    if comm is None:
+        return _train(args, None)
+    dp = parallel.DataParallel(comm)
+    try:
+        return _train(args, dp)
+    except BaseException as err:
+        dp.fail(err, 130 if isinstance(err, KeyboardInterrupt) else 1)
+        raise
+
+
+def _train(args, dp) -> int:
     from netengine.solvers import get_solver, read_solver_param
 
+    if dp is not None:
+        dp.quiet_other_ranks()
+        log.info("Data-parallel training on %d ranks; %s", dp.size,
+                 threads.split_threads(dp.comm.local_size))
     if not args.solver:
         raise NetEngineError("need a solver definition to train: give --solver")
     if args.snapshot and args.weights:
@@ -135,22 +169,32 @@ def train(args) -> int:
         param.train_state.stage.extend(stages(args.stage))
     if args.max_iter is not None:
         param.max_iter = args.max_iter
-    use_device(_device(args, param))
+    use_device(_parallel_device(args, param, dp))
+    if dp is not None:
+        param.random_seed = dp.agree_seed(param.random_seed)
     if args.snapshot:
         param.ClearField("weights")
     elif args.weights:
         param.ClearField("weights")
         param.weights.append(args.weights)
     solver = get_solver(param, solver_file=args.solver)
+    resume = args.snapshot or None
+    if dp is not None:
+        dp.attach(solver)
+        if resume:
+            dp.resume(solver, resume)
+            resume = None
     with SignalHandler(args.sigint_effect, args.sighup_effect) as handler, \
             progress(param.max_iter, solver.iter) as bar:
-        solver.set_action_function(handler.action)
+        solver.set_action_function(dp.agree(handler.action) if dp else handler.action)
         solver.add_callback(lambda: None, lambda: bar.goto(solver.iter + 1,
                                                            loss=solver.smoothed_loss))
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot, extra=at("caffe.cpp:250"))
         log.info("Starting Optimization", extra=at("caffe.cpp:254"))
-        solver.solve(args.snapshot or None)
+        solver.solve(resume)
+    if dp is not None:
+        log.info("%s", dp.allreduce_summary())
     return 0
 
 
