@@ -6,7 +6,7 @@ alone for one process): trains SOLVER in the given dtype to its max_iter, then s
 - the final snapshot (rank 0) through solver.snapshot(), which averages BatchNorm's
   statistics on every rank (``after_snapshot_<i>``: the params after it).
 
-    python parallel_driver.py SOLVER OUT [--dtype float64] [--resume STATE]
+    python parallel_driver.py SOLVER OUT [--dtype float64] [--resume STATE] [--gpu]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--resume", default="")
     parser.add_argument("--blobs", default="")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per local rank")
     args = parser.parse_args()
     comm = parallel.world()
     dp = parallel.DataParallel(comm) if comm is not None else None
@@ -42,6 +43,12 @@ def main() -> int:
 
 
 def run(args, dp) -> int:
+    if args.gpu:
+        import cupy
+
+        local = dp.comm.local_rank if dp is not None else 0
+        backend.set_device(local % cupy.cuda.runtime.getDeviceCount())
+        backend.set_mode_gpu()
     param = read_solver_param(args.solver)
     if dp is not None:
         param.random_seed = dp.agree_seed(param.random_seed)

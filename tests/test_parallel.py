@@ -89,12 +89,13 @@ def one_process(solver: Path, dtype=np.float64, resume: str | None = None) -> li
 
 
 def mpirun(ranks: int, solver: Path, out: Path, *extra: str, dtype: str = "float64",
-           timeout: float = 120) -> list[dict]:
+           timeout: float = 120, env: dict | None = None) -> list[dict]:
     cmd = [MPIEXEC, "-n", str(ranks), sys.executable, str(DRIVER), str(solver), str(out),
            "--dtype", dtype, *extra]
     # NETENGINE_JIT=0: the same formulas without compiling Numba's loops in every rank
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "NETENGINE_JIT": "0"})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "NETENGINE_JIT": "0",
+                               **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
     return [dict(np.load(f"{out}.rank{r}.npz")) for r in range(ranks)]
 
@@ -304,3 +305,37 @@ def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
     assert time.monotonic() - began < 30
     assert "error: rank 1 of 2:" in done.stderr and "rank one gives up" in done.stderr, \
         done.stderr[-2000:]
+
+
+# -- on GPUs (unverified without a device: run by bench/gpu_check.sh) ---------------------------
+def _gpu_count() -> int:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+@needs_mpi
+@pytest.mark.gpu
+@pytest.mark.parametrize("nccl", ["1", "0"])
+def test_gpu_ranks_equal_one_gpu_process(tmp_path, nccl):
+    """2 ranks on GPUs (NCCL where there are 2 GPUs and CuPy has it; else MPI on host copies)
+    vs one GPU process with the global batch, float64, 50 iterations."""
+    count = _gpu_count()
+    if count == 0 or (nccl == "1" and count < 2):
+        pytest.skip("needs CuPy and a GPU (two for NCCL)")
+    from netengine import backend
+
+    extra = "momentum: 0.9\n"
+    ranks = mpirun(2, write_solver(tmp_path, tiny_net(4), iters=50, extra=extra),
+                   tmp_path / "out", "--gpu", env={"NETENGINE_NCCL": nccl})
+    backend.set_mode_gpu()
+    try:
+        single = one_process(write_solver(tmp_path, tiny_net(8), iters=50, extra=extra,
+                                          name="g"))
+    finally:
+        backend.set_mode_cpu()
+    for got, want in zip(params_of(ranks[1]), single):
+        np.testing.assert_allclose(got, backend.to_host(want), rtol=0, atol=1e-10)

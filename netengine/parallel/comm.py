@@ -80,8 +80,9 @@ class Communicator:
     def use_nccl(self) -> bool:
         """Set up NCCL between the ranks' GPUs; False where CuPy has no NCCL (then device
         arrays are summed through MPI on host copies)."""
-        if self._nccl is None:
-            self._nccl = _Nccl.create(self) or False
+        if self._nccl is None:  # NETENGINE_NCCL=0: MPI on host copies (to compare, or debug)
+            wanted = os.environ.get("NETENGINE_NCCL", "1") not in ("0", "false", "no")
+            self._nccl = (wanted and _Nccl.create(self)) or False
         return bool(self._nccl)
 
     def allreduce_device_(self, array):
