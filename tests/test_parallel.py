@@ -279,32 +279,64 @@ def test_dropout_snapshot_resume_is_bit_identical_and_masks_differ(tmp_path):
     assert all(np.isfinite(p).all() for p in alone)
 
 
+RANK_LAYER = """import os
+import signal
+
+import netengine as caffe
+
+
+class OnRankOne(caffe.Layer):
+    \"\"\"Passes its bottom through; on rank 1 at the 3rd forward, raises or sends itself
+    SIGINT (param_str).\"\"\"
+
+    def setup(self, bottom, top):
+        self.n = 0
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        self.n += 1
+        rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
+        if rank == "1" and self.n == 3:
+            if self.param_str == "fail":
+                raise ValueError("rank one gives up")
+            os.kill(os.getpid(), signal.SIGINT)
+        top[0].data[...] = bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        bottom[0].diff[...] = top[0].diff
+"""
+
+
+def _train_with_rank_layer(tmp_path: Path, action: str) -> subprocess.CompletedProcess:
+    (tmp_path / "rank_layer.py").write_text(RANK_LAYER)
+    middle = RELU + ('layer { name: "r" type: "Python" bottom: "ip1" top: "f" python_param '
+                     f'{{ module: "rank_layer" layer: "OnRankOne" param_str: "{action}" }} }}\n')
+    solver = write_solver(tmp_path, tiny_net(4, middle, "f"), iters=100000)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "NETENGINE_JIT": "0"}
+    return subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(ROOT / "tools" / "train"),
+                           "--solver", str(solver)], capture_output=True, text=True, timeout=60,
+                          env=env)
+
+
 @needs_mpi
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
-    (tmp_path / "failing_layer.py").write_text(
-        "import os\nimport netengine as caffe\n\n"
-        "class Fail(caffe.Layer):\n"
-        "    def setup(self, bottom, top):\n        self.n = 0\n"
-        "    def reshape(self, bottom, top):\n        top[0].reshape(*bottom[0].data.shape)\n"
-        "    def forward(self, bottom, top):\n"
-        "        self.n += 1\n"
-        "        if os.environ.get('PMI_RANK', os.environ.get('OMPI_COMM_WORLD_RANK')) == '1' "
-        "and self.n == 3:\n"
-        "            raise ValueError('rank one gives up')\n"
-        "        top[0].data[...] = bottom[0].data\n"
-        "    def backward(self, top, propagate_down, bottom):\n"
-        "        bottom[0].diff[...] = top[0].diff\n")
-    middle = RELU + ('layer { name: "fail" type: "Python" bottom: "ip1" top: "f" '
-                     'python_param { module: "failing_layer" layer: "Fail" } }\n')
-    solver = write_solver(tmp_path, tiny_net(4, middle, "f"), iters=1000)
     began = time.monotonic()
-    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(ROOT / "tools" / "train"),
-                           "--solver", str(solver)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    done = _train_with_rank_layer(tmp_path, "fail")
     assert done.returncode != 0
     assert time.monotonic() - began < 30
     assert "error: rank 1 of 2:" in done.stderr and "rank one gives up" in done.stderr, \
         done.stderr[-2000:]
+
+
+@needs_mpi
+def test_sigint_on_one_rank_snapshots_and_stops_all(tmp_path):
+    done = _train_with_rank_layer(tmp_path, "sigint")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Stop requested: snapshotting and stopping at iteration 3" in done.stderr
+    assert (tmp_path / "s_iter_3.caffemodel").exists()
+    assert (tmp_path / "s_iter_3.solverstate").exists()
 
 
 # -- on GPUs (unverified without a device: run by bench/gpu_check.sh) ---------------------------

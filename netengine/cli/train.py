@@ -17,6 +17,12 @@ CuPy or the GPU is missing. Without ``--gpu``, a solver file's explicit ``solver
 (Caffe's lenet_solver has one) uses ``device_id`` when a GPU is usable and falls back to CPU
 with a warning otherwise, so Caffe's own solver files run unmodified on CPU-only machines.
 
+Data-parallel (``netengine.parallel``): under ``mpiexec -n N`` (N > 1) each process trains
+as one rank: ``batch_size`` is per rank, gradients are averaged over the ranks every step,
+rank 0 alone logs and snapshots, a failing rank ends the job (``error: rank r of N: ...``).
+``--gpu 0,1`` (Caffe's list) re-launches this command under ``mpiexec`` with one rank per
+listed GPU; under ``mpiexec``, ``--gpu all`` or a list gives each rank its local rank's GPU.
+
 ``--max_iter`` (netengine only) overrides the solver's max_iter, e.g. for a short check run.
 As ``caffe train`` does, ``--level`` (default 0) replaces the solver's train_state level and
 ``--stage`` adds to its stages. Caffe's single-dash spelling (``-solver S``) works too.
