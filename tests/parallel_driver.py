@@ -70,6 +70,8 @@ def run(args, dp) -> int:
     for layer in solver.net.layers:
         if getattr(layer, "mask", None) is not None:
             own[f"mask_{layer.name}"] = backend.to_host(layer.mask).copy()
+    for name, value in (solver.test_results[0] if solver.test_results else {}).items():
+        own[f"test_{name}"] = np.asarray(value)
     solver.snapshot()
     for i, blob in enumerate(solver.net.learnable_params):
         own[f"after_snapshot_{i}"] = backend.to_host(blob.data).copy()

@@ -23,6 +23,7 @@ from netengine.solvers import get_solver
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "parallel_driver.py"
 MNIST = ROOT / "data" / "mnist" / "train-images-idx3-ubyte.gz"
+MNIST_TEST = ROOT / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
 
 
 def _mpiexec() -> str | None:
@@ -43,10 +44,17 @@ needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="needs mpi4py and mpiexec
 
 
 # -- nets and solvers ---------------------------------------------------------------------------
-def _data(batch: int) -> str:
-    return (f'layer {{ name: "mnist" type: "Data" top: "data" top: "label" '
+def _data(batch: int, test_batch: int = 0) -> str:
+    """A Data layer of ``batch``; with ``test_batch``, TRAIN only, and a TEST one beside it."""
+    phase = 'include { phase: TRAIN } ' if test_batch else ''
+    text = (f'layer {{ name: "mnist" type: "Data" top: "data" top: "label" {phase}'
             f'transform_param {{ scale: 0.00390625 }} '
             f'data_param {{ source: "{MNIST}" batch_size: {batch} }} }}\n')
+    if test_batch:
+        text += (f'layer {{ name: "test" type: "Data" top: "data" top: "label" '
+                 f'include {{ phase: TEST }} transform_param {{ scale: 0.00390625 }} '
+                 f'data_param {{ source: "{MNIST_TEST}" batch_size: {test_batch} }} }}\n')
+    return text
 
 
 def _ip(name: str, bottom: str, top: str, n: int) -> str:
@@ -60,9 +68,9 @@ LOSS = ('layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "lab
 RELU = 'layer { name: "relu" type: "ReLU" bottom: "ip1" top: "ip1" }\n'
 
 
-def tiny_net(batch: int, middle: str = RELU, top: str = "ip1") -> str:
-    return _data(batch) + _ip("ip1", "data", "ip1", 8) + middle + _ip("ip2", top, "ip2", 10) \
-        + LOSS
+def tiny_net(batch: int, middle: str = RELU, top: str = "ip1", test_batch: int = 0) -> str:
+    return _data(batch, test_batch) + _ip("ip1", "data", "ip1", 8) + middle \
+        + _ip("ip2", top, "ip2", 10) + LOSS
 
 
 BN = ('layer { name: "bn" type: "BatchNorm" bottom: "ip1" top: "bn" }\n'
@@ -80,11 +88,15 @@ def write_solver(folder: Path, net: str, *, iters: int, extra: str = "", name: s
     return path
 
 
-def one_process(solver: Path, dtype=np.float64, resume: str | None = None) -> list[np.ndarray]:
+def one_process(solver: Path, dtype=np.float64, resume: str | None = None,
+                tests: list | None = None) -> list[np.ndarray]:
+    """Train in this process; the params at the end (``tests`` gets the last test's results)."""
     s = get_solver(str(solver), dtype=dtype)
     if resume:
         s.restore(resume)
     s.step(s.param.max_iter - s.iter)
+    if tests is not None:
+        tests.extend(s.test_results)
     return [b.data.copy() for b in s.net.learnable_params]
 
 
@@ -196,16 +208,20 @@ def test_single_process_training_never_imports_mpi(tmp_path):
 # -- under mpiexec --------------------------------------------------------------------------------
 @needs_mpi
 def test_two_ranks_equal_one_process_with_the_global_batch_float64(tmp_path):
-    """SGD with momentum, 300 iterations: 2 ranks x 4 == 1 process x 8 to 1e-12."""
-    extra = "momentum: 0.9\nweight_decay: 0.0005\n"
-    ranks = mpirun(2, write_solver(tmp_path, tiny_net(4), iters=300, extra=extra),
+    """SGD with momentum, 300 iterations: 2 ranks x 4 == 1 process x 8 to 1e-12; the test
+    (3 batches of 5 split 1 + 2 over the ranks, at 0, 100, 200) gives one process's outputs."""
+    extra = "momentum: 0.9\nweight_decay: 0.0005\ntest_iter: 3\ntest_interval: 100\n"
+    ranks = mpirun(2, write_solver(tmp_path, tiny_net(4, test_batch=5), iters=300, extra=extra),
                    tmp_path / "out")
-    single = one_process(write_solver(tmp_path, tiny_net(8), iters=300, extra=extra, name="g"))
+    tests: list = []
+    single = one_process(write_solver(tmp_path, tiny_net(8, test_batch=5), iters=300,
+                                      extra=extra, name="g"), tests=tests)
     for r in ranks:
         assert int(r["iter"]) == 300
         for got, want in zip(params_of(r), single):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     assert np.abs(params_of(ranks[0])[0] - params_of(ranks[1])[0]).max() == 0
+    assert tests and float(ranks[0]["test_loss"]) == pytest.approx(tests[0]["loss"], abs=1e-12)
 
 
 @needs_mpi
