@@ -137,7 +137,7 @@ def test_train_stage_and_level_reach_the_train_net(tmp_path, monkeypatch, capsys
     ([], "error: need a solver definition to train: give --solver"),
     (["--solver", "solver.prototxt", "--weights", "a.caffemodel", "--snapshot",
       "b.solverstate"], "error: give a snapshot to resume training"),
-    (["--solver", "solver.prototxt", "--gpu", "0,1"], "error: --gpu takes one device id"),
+    (["--solver", "solver.prototxt", "--gpu", "0,1"], "error: --gpu 0,1: "),
     (["--solver", "solver.prototxt", "--snapshot", "nope.solverstate"],
      "error: solver state not found: nope.solverstate"),
 ])

@@ -126,9 +126,10 @@ def _device(args, param) -> int | None:
     return None
 
 
-def _parallel_device(args, param, dp) -> int | None:
+def _parallel_device(args, param, dp, relaunch: bool) -> int | None:
     """The GPU of this rank (``--gpu 0,1``: the local rank's), or of the one process; a list
-    given to one process starts one rank per GPU under mpiexec."""
+    given to one process started from the command line (``relaunch``) starts one rank per GPU
+    under mpiexec."""
     if dp is not None:
         ids = launch.gpu_list(args.gpu)
         if ids is None:
@@ -137,25 +138,30 @@ def _parallel_device(args, param, dp) -> int | None:
     if "," in args.gpu:
         ids = launch.gpu_list(args.gpu)
         if len(ids) > 1:
+            launch.check_gpus(args.gpu, ids)
+            if not relaunch:
+                raise NetEngineError(f"--gpu {args.gpu}: one rank per GPU; start them with "
+                                     f"mpiexec -n {len(ids)} ... --gpu {args.gpu}")
             launch.relaunch(len(ids))
     return _device(args, param)
 
 
-def train(args) -> int:
+def train(args, relaunch: bool = False) -> int:
     """Train in this process; under mpiexec with N > 1 ranks, as one rank of a data-parallel
-    run (``netengine.parallel``), where a failing rank ends the whole job."""
+    run (``netengine.parallel``), where a failing rank ends the whole job. ``relaunch``: a
+    ``--gpu`` list may re-run the command line under mpiexec."""
     comm = parallel.world()
     if comm is None:
-        return _train(args, None)
+        return _train(args, None, relaunch)
     dp = parallel.DataParallel(comm)
     try:
-        return _train(args, dp)
+        return _train(args, dp, False)
     except BaseException as err:
         dp.fail(err, 130 if isinstance(err, KeyboardInterrupt) else 1)
         raise
 
 
-def _train(args, dp) -> int:
+def _train(args, dp, relaunch: bool) -> int:
     from netengine.solvers import get_solver, read_solver_param
 
     if dp is not None:
@@ -175,7 +181,7 @@ def _train(args, dp) -> int:
         param.train_state.stage.extend(stages(args.stage))
     if args.max_iter is not None:
         param.max_iter = args.max_iter
-    use_device(_parallel_device(args, param, dp))
+    use_device(_parallel_device(args, param, dp, relaunch))
     if dp is not None:
         param.random_seed = dp.agree_seed(param.random_seed)
     if args.snapshot:
@@ -206,7 +212,7 @@ def _train(args, dp) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run(lambda: train(args))
+    return run(lambda: train(args, relaunch=argv is None))
 
 
 if __name__ == "__main__":

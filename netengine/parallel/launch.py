@@ -40,6 +40,14 @@ def rank_gpu(ids: list[int], local_rank: int, local_size: int) -> int:
     return ids[local_rank]
 
 
+def check_gpus(flag: str, ids: list[int]) -> None:
+    """One line where CuPy or a listed GPU is missing (before any re-launch)."""
+    for device in ids:
+        reason = backend.gpu_unavailable_reason(device)
+        if reason:
+            raise NetEngineError(f"--gpu {flag}: {reason}")
+
+
 def relaunch(count: int) -> None:
     """Run this same command again as ``mpiexec -n count``: one rank per GPU (Caffe's
     ``caffe train --gpu 0,1``). Does not return."""

@@ -63,6 +63,9 @@ class DataParallel:
         solver.sync = self
         log.info("Data-parallel: %d ranks, per-rank batch as in the net (global batch = %d x "
                  "batch_size); %d data layer(s) sharded", self.size, self.size, sharded)
+        if not sharded:
+            log.warning("no data layer of the train net takes a shard (Data, ImageData, "
+                        "WindowData, HDF5Data, MemoryData): every rank reads the same records")
 
     def broadcast_params(self, net) -> None:
         """Every learnable blob (BatchNorm's statistics included) takes rank 0's values."""
