@@ -29,6 +29,11 @@ the batch the interrupted run would have served next: ``iter·iter_size`` for th
 ``tests_done·test_iter[i]`` for test net i. So N iterations + snapshot + resume + N iterations
 give bit-identical weights to 2N iterations in one go (Caffe restarts its data cursor instead).
 
+Data-parallel runs (:mod:`netengine.parallel`, under mpiexec) replace ``solver.sync`` (a
+:class:`LocalSync` here: one process, nothing to share) with hooks that average the loss, the
+gradients (before the update), the displayed and test outputs, and BatchNorm-like statistics
+(before tests and snapshots); the solver never imports them.
+
 Deviations from Caffe, on purpose: a NaN or infinite loss stops training with a SolverError
 naming the iteration (Caffe trains on); a "stop" request (SIGINT by default) always snapshots
 before stopping (Caffe only does when ``snapshot_after_train`` is true).
