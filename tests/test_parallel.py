@@ -138,6 +138,26 @@ def test_launched_size_reads_the_launchers_variables(monkeypatch):
     assert launched_size() == 4
 
 
+def test_user_thread_settings_win(monkeypatch):
+    from netengine.parallel import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.split_threads(2) == "threads as set by OMP_NUM_THREADS=3"
+
+
+def test_gpu_lists_in_caffes_syntax():
+    from netengine.errors import NetEngineError
+    from netengine.parallel import launch
+
+    assert launch.gpu_list("") is None and launch.gpu_list("0, 1") == [0, 1]
+    assert launch.rank_gpu([2, 3], 1, 2) == 3
+    for bad in ("0,0", "a", "1,-1"):
+        with pytest.raises(NetEngineError):
+            launch.gpu_list(bad)
+    with pytest.raises(NetEngineError, match="list one per rank"):
+        launch.rank_gpu([0], 0, 2)
+
+
 def _net(text: str, tmp_path: Path, phase=caffe_pb2.TRAIN) -> Net:
     path = tmp_path / "n.prototxt"
     path.write_text(text)
