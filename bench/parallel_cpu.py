@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Data-parallel LeNet on CPU: 1 process x 2 threads vs ``mpiexec -n 2`` x 1 thread vs PyTorch
-DDP (gloo, 2 processes x 1 thread), same net (Caffe's LeNet, the embedded MNIST through a Data
-layer for netengine, random MNIST-shaped tensors for PyTorch), same global batch, same SGD
-settings (lr 0.01, momentum 0.9, weight decay 5e-4).
+"""Data-parallel LeNet on CPU: 1 process x 2 threads (and x 1 thread) vs ``mpiexec -n 2`` x 1
+thread vs PyTorch DDP (gloo, 2 processes x 1 thread), same net (Caffe's LeNet, the embedded MNIST
+through a Data layer for netengine, random MNIST-shaped tensors for PyTorch), same global
+batch, same SGD settings (lr 0.01, momentum 0.9, weight decay 5e-4).
 
     python bench/parallel_cpu.py                       # global batch 64 and 256, 1000 iterations
     python bench/parallel_cpu.py --iters 200 --rounds 3 --batches 64
@@ -92,50 +92,54 @@ def worker_netengine(batch: int, iters: int) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def worker_torch(batch: int, iters: int) -> None:
-    """PyTorch DDP (gloo), 2 processes x 1 thread, per-rank ``batch``."""
+def _torch_rank(rank: int, size: int, port: int, batch: int, iters: int, queue) -> None:
+    """One process of the PyTorch DDP run (module level: spawn pickles it by name)."""
     import torch
     import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    torch.manual_seed(1701)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 20, 5), torch.nn.MaxPool2d(2, 2, ceil_mode=True),
+        torch.nn.Conv2d(20, 50, 5), torch.nn.MaxPool2d(2, 2, ceil_mode=True),
+        torch.nn.Flatten(), torch.nn.Linear(800, 500), torch.nn.ReLU(),
+        torch.nn.Linear(500, 10))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.rand(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+
+    for _ in range(WARMUP):
+        step()
+    dist.barrier()
+    began = time.perf_counter()
+    for _ in range(iters):
+        step()
+    dist.barrier()
+    seconds = time.perf_counter() - began
+    peaks = [None] * size
+    dist.all_gather_object(peaks, _peak_mib())
+    if rank == 0:
+        queue.put({"iters_per_s": iters / seconds, "peak_mib": peaks})
+    dist.destroy_process_group()
+
+
+def worker_torch(batch: int, iters: int) -> None:
+    """PyTorch DDP (gloo), 2 processes x 1 thread, per-rank ``batch``."""
     import torch.multiprocessing as mp
-
-    def run(rank: int, size: int, port: int, queue) -> None:
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=size)
-        torch.manual_seed(1701)
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 20, 5), torch.nn.MaxPool2d(2, 2, ceil_mode=True),
-            torch.nn.Conv2d(20, 50, 5), torch.nn.MaxPool2d(2, 2, ceil_mode=True),
-            torch.nn.Flatten(), torch.nn.Linear(800, 500), torch.nn.ReLU(),
-            torch.nn.Linear(500, 10))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        x = torch.rand(batch, 1, 28, 28)
-        y = torch.randint(0, 10, (batch,))
-
-        def step() -> None:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.step()
-
-        for _ in range(WARMUP):
-            step()
-        dist.barrier()
-        began = time.perf_counter()
-        for _ in range(iters):
-            step()
-        dist.barrier()
-        seconds = time.perf_counter() - began
-        peaks = [None] * size
-        dist.all_gather_object(peaks, _peak_mib())
-        if rank == 0:
-            queue.put({"iters_per_s": iters / seconds, "peak_mib": peaks})
-        dist.destroy_process_group()
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=run, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_torch_rank, args=(r, 2, port, batch, iters, queue))
+             for r in range(2)]
     for p in procs:
         p.start()
     result = queue.get(timeout=3600)
@@ -146,11 +150,11 @@ def worker_torch(batch: int, iters: int) -> None:
 
 # -- the parent --------------------------------------------------------------------------------
 def _launch(mode: str, global_batch: int, iters: int) -> dict | None:
-    threads = {"one": 2, "mpi": 1, "ddp": 1, "memory": 1}[mode]
+    threads = {"one": 2, "one1": 1, "mpi": 1, "ddp": 1, "memory": 1}[mode]
     env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     me = [sys.executable, str(Path(__file__).resolve())]
-    if mode == "one":
+    if mode in ("one", "one1"):
         cmd = [*me, "--worker", "netengine", "--batch", str(global_batch)]
     elif mode == "memory":  # one process with the per-rank batch: the memory reference
         cmd = [*me, "--worker", "netengine", "--batch", str(global_batch // 2)]
@@ -184,17 +188,20 @@ def _table(batch: int, runs: dict[str, list[dict]], iters: int, rounds: int) -> 
     rate = {m: statistics.median(r["iters_per_s"] for r in rs) for m, rs in runs.items() if rs}
     print(f"\nLeNet, global batch {batch}, {iters} iterations, median of {rounds} round(s):")
     print(f"  {'mode':34s} {'iter/s':>8s} {'img/s':>8s}  peak RSS MiB per process")
-    names = {"one": "1 process x 2 threads", "mpi": "mpiexec -n 2 x 1 thread",
+    names = {"one": "1 process x 2 threads", "one1": "1 process x 1 thread",
+             "mpi": "mpiexec -n 2 x 1 thread",
              "ddp": "PyTorch DDP gloo, 2 x 1 thread",
              "memory": f"1 process, batch {batch // 2} (memory ref.)"}
-    for mode in ("one", "mpi", "ddp", "memory"):
+    for mode in ("one", "one1", "mpi", "ddp", "memory"):
         if mode not in rate:
             continue
         peaks = runs[mode][-1]["peak_mib"]
         print(f"  {names[mode]:34s} {rate[mode]:8.1f} {rate[mode] * batch:8.0f}  "
               f"{', '.join(f'{p:.0f}' for p in peaks)}")
     if "one" in rate and "mpi" in rate:
-        print(f"  speed-up mpiexec -n 2 / 1 process: {rate['mpi'] / rate['one']:.2f}x")
+        print(f"  speed-up mpiexec -n 2 / 1 process x 2 threads: {rate['mpi'] / rate['one']:.2f}x")
+    if "one1" in rate and "mpi" in rate:
+        print(f"  speed-up mpiexec -n 2 / 1 process x 1 thread:  {rate['mpi'] / rate['one1']:.2f}x")
     if "ddp" in rate and "mpi" in rate:
         print(f"  mpiexec -n 2 / PyTorch DDP:        {rate['mpi'] / rate['ddp']:.2f}x")
     if "mpi" in rate:
@@ -223,7 +230,7 @@ def main() -> int:
     if args.worker == "torch":
         worker_torch(args.batch, args.iters)
         return 0
-    modes = ["one"]
+    modes = ["one", "one1"]
     if _mpiexec() and _has("mpi4py"):
         modes.append("mpi")
     else:
