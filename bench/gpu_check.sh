@@ -13,6 +13,9 @@
 #                                                                         -> OUTDIR/golden_gpu.txt
 #   bench      bench/gpu_bench.py (vs PyTorch)  -> OUTDIR/bench.txt, gpu_bench.json, gpu_bench.txt
 #   train_gpu  pytest -m "gpu and slow": tools/train --gpu 0 vs CPU     -> OUTDIR/train_gpu.txt
+#   parallel_gpu pytest -m gpu tests/test_parallel.py: 2 ranks on GPUs (NCCL with 2 GPUs, MPI
+#              on host copies with 1) vs one GPU process; skips without mpi4py/mpiexec
+#                                                                         -> OUTDIR/parallel_gpu.txt
 #   layers_gpu pytest -m "gpu and not slow" on every other test file: the CuPy variant of each
 #              layer test (600+ tests; gets the time left, -v so a timeout still shows what
 #              ran; GPU_CHECK_STEPS=layers_gpu GPU_CHECK_BUDGET=480 runs it alone)
@@ -110,8 +113,9 @@ BENCH_LIMIT=150
 step bench "$BENCH_LIMIT" "$PY" bench/gpu_bench.py --out "$OUT" \
     --budget "$(( BENCH_LIMIT - 15 < $(left) - 20 ? BENCH_LIMIT - 15 : $(left) - 20 ))"
 step train_gpu 80 "${PYTEST[@]}" -q -m "gpu and slow" tests/test_gpu.py
+step parallel_gpu 60 "${PYTEST[@]}" -v -m gpu tests/test_parallel.py
 step layers_gpu 480 "${PYTEST[@]}" -v -m "gpu and not slow" --durations=15 tests \
-    --ignore=tests/test_gpu.py --ignore=tests/test_golden_layers.py
+    --ignore=tests/test_gpu.py --ignore=tests/test_golden_layers.py --ignore=tests/test_parallel.py
 
 {
     echo "netengine GPU check: $(date -u), $(( $(date +%s) - START ))s of ${BUDGET}s budget"

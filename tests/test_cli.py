@@ -134,6 +134,7 @@ def test_train_stage_and_level_reach_the_train_net(tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("argv,message", [
     (["--solver", "missing.prototxt"], "error: file not found: missing.prototxt"),
+    (["--solver", "solver.prototxt", "--gpu", "0,1"], "error: --gpu 0,1: "),
     (["--solver", "solver.prototxt", "--snapshot", "nope.solverstate"],
      "error: solver state not found: nope.solverstate"),
 ])
@@ -151,7 +152,8 @@ def test_train_errors_are_one_line(argv, message, tmp_path, monkeypatch, capsys)
     ("train", [], "train: error: need a solver definition to train: give --solver"),
     ("train", ["--solver", "s", "--weights", "a.caffemodel", "--snapshot", "b.solverstate"],
      "train: error: give a snapshot to resume training"),
-    ("train", ["--solver", "s", "--gpu", "0,1"], "train: error: --gpu takes one device id"),
+    ("train", ["--solver", "s", "--gpu", "0,x"], "train: error: --gpu takes device ids separated"),
+    ("test", ["--model", "m", "--weights", "w", "--gpu", "0,1"], "test: error: --gpu takes one"),
     ("train", ["--solver", "s", "--max_iter", "-5"], "train: error: --max_iter must be >= 0, got -5"),
     ("test", ["--model", "m", "--weights", "w", "--gpu", "x"], "test: error: --gpu takes one"),
     ("test", ["--model", "m.prototxt"], "test: error: need model weights to score: give --weights"),

@@ -66,9 +66,11 @@ def caffe_spelling(token: str, known: set[str]) -> str:
     return token
 
 
-def parse_caffe_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+def parse_caffe_args(parser: argparse.ArgumentParser, argv=None,
+                     gpu_lists: bool = False) -> argparse.Namespace:
     """``parser.parse_args`` that also takes Caffe's gflags spelling of long options and both
-    word separators, so command lines copied from Caffe's docs work."""
+    word separators, so command lines copied from Caffe's docs work. ``gpu_lists``: ``--gpu``
+    may list several devices (train's data-parallel ``--gpu 0,1``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if PROG_PREFIX and not parser.prog.startswith(PROG_PREFIX):
         parser.prog = PROG_PREFIX + parser.prog
@@ -78,10 +80,25 @@ def parse_caffe_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Nam
     args = parser.parse_args(argv)
     if getattr(args, "gpu", ""):
         try:
-            gpu_id(args.gpu)
+            gpu_flag_ids(args.gpu) if gpu_lists else gpu_id(args.gpu)
         except NetEngineError as err:
             parser.error(str(err))
     return args
+
+
+def gpu_flag_ids(flag: str) -> list[int] | None:
+    """The ids of a ``--gpu`` list (``0,1``), [] for ``all``, None for no flag; a usage check
+    only (whether the devices exist is asked when they are used)."""
+    flag = flag.strip()
+    if not flag:
+        return None
+    if flag == "all":
+        return []
+    ids = [part.strip() for part in flag.split(",")]
+    if not all(part.isdigit() for part in ids):
+        raise NetEngineError(f"--gpu takes device ids separated by commas (e.g. 0,1) or 'all', "
+                             f"got '{flag}'")
+    return [int(part) for part in ids]
 
 
 def require(parser: argparse.ArgumentParser, value, message: str) -> None:

@@ -21,6 +21,12 @@ with a warning otherwise, so Caffe's own solver files run unmodified on CPU-only
 test outputs and learning rate against iterations, speed, the solver's settings), rewritten at
 every display and test step; it reloads itself in the browser until the run ends.
 
+Data-parallel (``netengine.parallel``): under ``mpiexec -n N`` (N > 1) each process trains
+as one rank: ``batch_size`` is per rank, gradients are averaged over the ranks every step,
+rank 0 alone logs and snapshots, a failing rank ends the job (``error: rank r of N: ...``).
+``--gpu 0,1`` (Caffe's list) re-launches this command under ``mpiexec`` with one rank per
+listed GPU; under ``mpiexec``, ``--gpu all`` or a list gives each rank its local rank's GPU.
+
 ``--max_iter`` (netengine only) overrides the solver's max_iter, e.g. for a short check run.
 As ``caffe train`` does, ``--level`` (default 0) replaces the solver's train_state level and
 ``--stage`` adds to its stages. Caffe's single-dash spelling (``-solver S``) works too.
@@ -31,7 +37,7 @@ import argparse
 import logging
 import signal
 
-from netengine import backend
+from netengine import backend, parallel
 from netengine.cli import (
     add_common_flags,
     gpu_id,
@@ -41,8 +47,10 @@ from netengine.cli import (
     stages,
     use_device,
 )
+from netengine.errors import NetEngineError
 from netengine.html.run_report import live_report
 from netengine.logging_glog import at, progress
+from netengine.parallel import launch, threads
 from netengine.proto import caffe_pb2
 
 log = logging.getLogger("netengine.cli")
@@ -70,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override the solver's max_iter (netengine extension)")
     parser.add_argument("--report", default="", metavar="RUN.html",
                         help="write a live HTML report of the run (netengine extension)")
-    args = parse_caffe_args(parser, argv)
+    args = parse_caffe_args(parser, argv, gpu_lists=True)
     require(parser, args.solver, "need a solver definition to train: give --solver")
     if args.snapshot and args.weights:
         parser.error("give a snapshot to resume training (--snapshot) or weights to fine-tune "
@@ -141,39 +149,89 @@ def _device(args, param) -> int | None:
     return None
 
 
-def train(args) -> int:
+def _parallel_device(args, param, dp, relaunch: bool) -> int | None:
+    """The GPU of this rank (``--gpu 0,1``: the local rank's), or of the one process; a list
+    given to one process started from the command line (``relaunch``) starts one rank per GPU
+    under mpiexec."""
+    if dp is not None:
+        ids = launch.gpu_list(args.gpu)
+        if ids is None:
+            return _device(args, param)
+        return launch.rank_gpu(ids, dp.comm.local_rank, dp.comm.local_size)
+    if "," in args.gpu:
+        ids = launch.gpu_list(args.gpu)
+        if len(ids) > 1:
+            launch.check_gpus(args.gpu, ids)
+            if not relaunch:
+                raise NetEngineError(f"--gpu {args.gpu}: one rank per GPU; start them with "
+                                     f"mpiexec -n {len(ids)} ... --gpu {args.gpu}")
+            launch.relaunch(len(ids))
+    return _device(args, param)
+
+
+def train(args, relaunch: bool = False) -> int:
+    """Train in this process; under mpiexec with N > 1 ranks, as one rank of a data-parallel
+    run (``netengine.parallel``), where a failing rank ends the whole job. ``relaunch``: a
+    ``--gpu`` list may re-run the command line under mpiexec."""
+    comm = parallel.world()
+    if comm is None:
+        return _train(args, None, relaunch)
+    dp = parallel.DataParallel(comm)
+    try:
+        return _train(args, dp, False)
+    except BaseException as err:
+        dp.fail(err, 130 if isinstance(err, KeyboardInterrupt) else 1)
+        raise
+
+
+def _train(args, dp, relaunch: bool) -> int:
     from netengine.solvers import get_solver, read_solver_param
 
+    if dp is not None:
+        dp.quiet_other_ranks()
+        log.info("Data-parallel training on %d ranks; %s", dp.size,
+                 threads.split_threads(dp.comm.local_size))
     param = read_solver_param(args.solver)
     param.train_state.level = args.level  # always, as caffe train does (default 0)
     if stages(args.stage):
         param.train_state.stage.extend(stages(args.stage))
     if args.max_iter is not None:
         param.max_iter = args.max_iter
-    use_device(_device(args, param))
+    use_device(_parallel_device(args, param, dp, relaunch))
+    if dp is not None:
+        param.random_seed = dp.agree_seed(param.random_seed)
     if args.snapshot:
         param.ClearField("weights")
     elif args.weights:
         param.ClearField("weights")
         param.weights.append(args.weights)
     solver = get_solver(param, solver_file=args.solver)
+    resume = args.snapshot or None
+    if dp is not None:
+        dp.attach(solver)
+        if resume:
+            dp.resume(solver, resume)
+            resume = None
     with SignalHandler(args.sigint_effect, args.sighup_effect) as handler, \
             progress(param.max_iter, solver.iter) as bar, \
-            live_report(args.report, args.solver, param) as report:
-        solver.set_action_function(handler.action)
+            live_report(args.report if dp is None or dp.is_root else "", args.solver,
+                        param) as report:
+        solver.set_action_function(dp.agree(handler.action) if dp else handler.action)
         solver.add_callback(lambda: None, lambda: bar.goto(solver.iter + 1,
                                                            loss=solver.smoothed_loss))
         solver.add_callback(report.refresh, lambda: None)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot, extra=at("caffe.cpp:250"))
         log.info("Starting Optimization", extra=at("caffe.cpp:254"))
-        solver.solve(args.snapshot or None)
+        solver.solve(resume)
+    if dp is not None:
+        log.info("%s", dp.allreduce_summary())
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run(lambda: train(args))
+    return run(lambda: train(args, relaunch=argv is None))
 
 
 if __name__ == "__main__":

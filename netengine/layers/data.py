@@ -159,6 +159,19 @@ class Prefetcher:
         thread.join(timeout=10.0)
 
 
+def _sharded(make_batch, rank: int, size: int):
+    """Batch b of rank ``rank`` of ``size`` is batch b·size + rank of the unsharded stream."""
+    if size == 1:
+        return make_batch
+    return lambda index: make_batch(index * size + rank)
+
+
+def _check_shard(layer: Layer, rank: int, size: int) -> tuple[int, int]:
+    if size < 1 or not 0 <= rank < size:
+        raise layer.fail(f"a shard is rank r of size n with 0 <= r < n, got {rank} of {size}")
+    return int(rank), int(size)
+
+
 def _shutdown(prefetcher: Prefetcher | None, source) -> None:
     if prefetcher is not None:
         prefetcher.stop()
@@ -223,6 +236,7 @@ class Data(Layer):
     min_tops = 1
     max_tops = 2
     search_dirs: tuple = ()
+    shard = (0, 1)  # (rank, size) of a data-parallel run, handed in by set_shard
 
     def layer_setup(self, bottom, top: list[Blob]) -> None:
         p = self.layer_param.data_param
@@ -330,6 +344,15 @@ class Data(Layer):
             raise self.fail(f"seek needs a batch index >= 0, got {batch_index}")
         self._next = int(batch_index)
 
+    def set_shard(self, rank: int, size: int) -> None:
+        """Serve rank ``rank`` of ``size``'s share: this layer's batch b is batch b·size + rank
+        of one process's stream (a contiguous slice of the global batch; its transform coins
+        are that batch's, so each rank draws its own)."""
+        self.shard = _check_shard(self, rank, size)
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
+            self.prefetcher.make_batch = _sharded(self._batch_maker(), *self.shard)
+
     def close(self) -> None:
         """Stop the prefetch thread and close the source (also done when collected)."""
         self._finalizer()
@@ -343,7 +366,7 @@ class Data(Layer):
         index = self._next
         try:
             if self.prefetcher is None:
-                batch = self._batch_maker()(index)
+                batch = _sharded(self._batch_maker(), *self.shard)(index)
             else:
                 batch = self.prefetcher.get(index)
         except NetEngineError as err:
@@ -377,6 +400,7 @@ class MemoryData(Layer):
     type = "MemoryData"
     exact_bottoms = 0
     exact_tops = 2
+    shard = (0, 1)
 
     def layer_setup(self, bottom, top: list[Blob]) -> None:
         p = self.layer_param.memory_data_param
@@ -427,12 +451,18 @@ class MemoryData(Layer):
 
     @property
     def batch_index(self) -> int:
-        return self._pos // self.batch_size
+        return self._pos // (self.batch_size * self.shard[1])
 
     def seek(self, batch_index: int) -> None:
         """Make the next forward serve batch ``batch_index`` (wrapping around the arrays)."""
         n = len(self._data) if self._data is not None else self.batch_size
-        self._pos = (int(batch_index) * self.batch_size) % n
+        self._pos = (int(batch_index) * self.batch_size * self.shard[1]) % n
+
+    def set_shard(self, rank: int, size: int) -> None:
+        """Serve rank ``rank`` of ``size``'s contiguous slice of each global batch of
+        size·batch_size items (``_pos`` counts global items)."""
+        self.shard = _check_shard(self, rank, size)
+        self._pos = 0
 
     def reshape(self, bottom, top) -> None:
         top[0].reshape((self.batch_size, *self.item_shape))
@@ -441,10 +471,12 @@ class MemoryData(Layer):
     def compute_forward(self, bottom, top) -> None:
         if self._data is None:
             raise self.fail("no data: call set_input_arrays(data, labels) before forward")
-        end = self._pos + self.batch_size
-        top[0].data[...] = self._data[self._pos:end]
-        top[1].data[...] = self._labels[self._pos:end]
-        self._pos = end % len(self._data)
+        rank, size = self.shard
+        start = (self._pos + rank * self.batch_size) % len(self._data)
+        end = start + self.batch_size
+        top[0].data[...] = self._data[start:end]
+        top[1].data[...] = self._labels[start:end]
+        self._pos = (self._pos + size * self.batch_size) % len(self._data)
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
         pass
@@ -539,6 +571,7 @@ class HDF5Data(Layer):
     exact_bottoms = 0
     min_tops = 1
     search_dirs: tuple = ()
+    shard = (0, 1)
 
     def layer_setup(self, bottom, top: list[Blob]) -> None:
         try:
@@ -633,13 +666,20 @@ class HDF5Data(Layer):
 
     @property
     def batch_index(self) -> int:
-        return self._served // self.batch_size
+        return self._served // (self.batch_size * self.shard[1])
 
     def seek(self, batch_index: int) -> None:
         """Make the next forward serve batch ``batch_index`` counted from the start."""
+        rows = int(batch_index) * self.batch_size * self.shard[1]
         self._restart()
-        self._advance(int(batch_index) * self.batch_size)
-        self._served = int(batch_index) * self.batch_size
+        self._advance(rows)
+        self._served = rows
+
+    def set_shard(self, rank: int, size: int) -> None:
+        """Serve rank ``rank`` of ``size``'s contiguous slice of each global batch: skip the
+        rows of the ranks before and after it (``_served`` counts global rows)."""
+        self.shard = _check_shard(self, rank, size)
+        self.seek(0)
 
     # -- data ---------------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
@@ -658,6 +698,8 @@ class HDF5Data(Layer):
 
     def compute_forward(self, bottom, top) -> None:
         parts: list[list[np.ndarray]] = [[] for _ in top]
+        rank, size = self.shard
+        self._advance(rank * self.batch_size)
         need = self.batch_size
         while need:
             self._ensure_loaded()
@@ -673,7 +715,8 @@ class HDF5Data(Layer):
                 raise self.fail(f"{self.files[self._order[self._file_pos]]}: rows of shape "
                                 f"{batch.shape[1:]} where the first file had {blob.shape[1:]}")
             _to_top(blob, batch)
-        self._served += self.batch_size
+        self._advance((size - 1 - rank) * self.batch_size)
+        self._served += self.batch_size * size
 
     def compute_backward(self, top, propagate_down, bottom) -> None:
         pass

@@ -29,6 +29,11 @@ the batch the interrupted run would have served next: ``iter·iter_size`` for th
 ``tests_done·test_iter[i]`` for test net i. So N iterations + snapshot + resume + N iterations
 give bit-identical weights to 2N iterations in one go (Caffe restarts its data cursor instead).
 
+Data-parallel runs (:mod:`netengine.parallel`, under mpiexec) replace ``solver.sync`` (a
+:class:`LocalSync` here: one process, nothing to share) with hooks that average the loss, the
+gradients (before the update), the displayed and test outputs, and BatchNorm-like statistics
+(before tests and snapshots); the solver never imports them.
+
 Deviations from Caffe, on purpose: a NaN or infinite loss stops training with a SolverError
 naming the iteration (Caffe trains on); a "stop" request (SIGINT by default) always snapshots
 before stopping (Caffe only does when ``snapshot_after_train`` is true).
@@ -110,6 +115,32 @@ def _mixed_seed(seed: int, iteration: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(iteration)]).generate_state(1)[0])
 
 
+class LocalSync:
+    """The hooks a data-parallel run replaces (:class:`netengine.parallel.DataParallel`), as
+    one process has them: nothing to share. ``solver.sync`` holds one of these."""
+
+    rank, size, is_root = 0, 1, True
+
+    def reduce_loss(self, loss: float) -> float:
+        return loss
+
+    def reduce_gradients(self, net: Net) -> None:
+        pass
+
+    def reduce_outputs(self, net: Net) -> dict | None:
+        return None  # the display reads the net's own output blobs
+
+    def test_batches(self, net: Net, first: int, count: int):
+        """One flag per round of a test: True runs a batch, False only polls the signals."""
+        return [True] * count
+
+    def reduce_test(self, net: Net, sums: dict, loss: float) -> tuple[dict, float]:
+        return sums, loss
+
+    def average_stats(self, net: Net) -> None:
+        pass
+
+
 class _Callback:
     __slots__ = ("on_start", "on_gradients")
 
@@ -159,6 +190,7 @@ class Solver:
         self._last_snapshot_iter: int | None = None
         self._timer = time.perf_counter()
         self._iters_last = 0
+        self.sync = LocalSync()
         self._check()
         log.info("Initializing solver from parameters: %s",
                  text_format.MessageToString(param, as_one_line=True), extra=at("solver.cpp:48"))
@@ -392,14 +424,14 @@ class Solver:
             # Caffe: the solver's debug_info shows on display iterations; a net's own always
             net.debug_info = bool(display and p.debug_info) or self._net_debug_info
             if p.random_seed >= 0:
-                backend.set_random_seed(_mixed_seed(p.random_seed, self.iter))
+                backend.set_random_seed(_mixed_seed(p.random_seed + self.sync.rank, self.iter))
             loss = 0.0
             # A diverging run overflows: the check below names the iteration, NumPy's
             # per-operation warnings would only clutter the log.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 for _ in range(p.iter_size):
                     loss += net.forward_backward()
-            loss /= p.iter_size
+            loss = self.sync.reduce_loss(loss / p.iter_size)
             if not math.isfinite(loss):
                 raise self._fail(f"iteration {self.iter}: the loss is {loss} (not finite); "
                                  "training stopped: lower base_lr, clip_gradients, or check "
@@ -407,6 +439,7 @@ class Solver:
             self._update_smoothed_loss(loss)
             if display:
                 self._display()
+            self.sync.reduce_gradients(net)
             for callback in self._callbacks:
                 callback.on_gradients()
             self.apply_update()
@@ -432,7 +465,7 @@ class Solver:
         log.info("Solving %s", self.net.name, extra=at("solver.cpp:289"))
         log.info("Learning Rate Policy: %s", p.lr_policy, extra=at("solver.cpp:290"))
         self.requested_early_exit = False
-        if p.snapshot or p.snapshot_after_train:
+        if (p.snapshot or p.snapshot_after_train) and self.sync.is_root:
             self._check_snapshot_prefix()
         self._remove_stale_temporaries()
         if resume_file:
@@ -448,7 +481,7 @@ class Solver:
             return
         if p.display and self.iter % p.display == 0:
             loss = self.net.forward_from_to(0, len(self.net.layers) - 1)
-            self._update_smoothed_loss(loss)
+            self._update_smoothed_loss(self.sync.reduce_loss(loss))
             log.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss),
                      extra=at("solver.cpp:323"))
         if p.test_interval and self.iter % p.test_interval == 0:
@@ -481,7 +514,8 @@ class Solver:
                  fmt(lapse), p.display, fmt(self.smoothed_loss), extra=at("solver.cpp:243"))
         self._timer = time.perf_counter()
         self._iters_last = self.iter
-        self._log_outputs(self.net, "Train", None, at("solver.cpp:259"))
+        self._log_outputs(self.net, "Train", self.sync.reduce_outputs(self.net),
+                          at("solver.cpp:259"))
 
     @staticmethod
     def _log_outputs(net: Net, kind: str, values: dict | None, where: dict) -> None:
@@ -578,6 +612,7 @@ class Solver:
     def test_all(self) -> list[dict]:
         """Run every test net test_iter[i] times; returns one {output: mean} per net."""
         results = []
+        self.sync.average_stats(self.net)
         for i in range(len(self.test_nets)):
             if self.requested_early_exit:
                 break
@@ -594,7 +629,8 @@ class Solver:
         sums: dict[str, np.ndarray] = {}
         loss = 0.0
         iters = p.test_iter[index]
-        for _ in range(iters):
+        first = self.tests_done_before(self.iter) * iters
+        for run_batch in self.sync.test_batches(net, first, iters):
             request = self._requested_action()
             while request != "none":
                 if request == "snapshot":
@@ -605,6 +641,8 @@ class Solver:
             if self.requested_early_exit:
                 log.info("Test interrupted.", extra=at("solver.cpp:380"))
                 return {}
+            if not run_batch:
+                continue
             iter_loss = net.forward_from_to(0, len(net.layers) - 1)
             if p.test_compute_loss:
                 loss += iter_loss
@@ -614,6 +652,7 @@ class Solver:
                     sums[name] += values
                 else:
                     sums[name] = values.copy()
+        sums, loss = self.sync.reduce_test(net, sums, loss)
         if p.test_compute_loss:
             log.info("Test loss: %s", fmt(loss / max(iters, 1)), extra=at("solver.cpp:391"))
         means = {name: total / max(iters, 1) for name, total in sums.items()}
@@ -656,10 +695,14 @@ class Solver:
         """Write ``<prefix>_iter_N.caffemodel`` and ``.solverstate`` (``.h5`` variants with
         snapshot_format HDF5), atomically; returns both paths."""
         p = self.param
+        self.sync.average_stats(self.net)
         hdf5 = p.snapshot_format == caffe_pb2.SolverParameter.HDF5
         model = self.snapshot_filename(".caffemodel.h5" if hdf5 else ".caffemodel")
         state_path = self.snapshot_filename(".solverstate.h5" if hdf5 else ".solverstate")
         kind = "HDF5 file" if hdf5 else "binary proto file"
+        if not self.sync.is_root:  # rank 0 alone writes (every rank averaged the stats above)
+            self._last_snapshot_iter = self.iter
+            return model, state_path
         try:
             with atomic_group():  # renamed into place at the end, the state last
                 log.info("Snapshotting to %s %s", kind, model, extra=at("solver.cpp:454"))

@@ -1,0 +1,143 @@
+"""The communicator of a data-parallel run: MPI (mpi4py) between processes, NCCL (CuPy's
+``cupy.cuda.nccl``) between GPUs where it is available.
+
+A launcher (``mpiexec``/``mpirun`` of MPICH, Open MPI, MVAPICH or Intel MPI) tells each process
+its rank and the job's size in environment variables; :func:`launched_size` reads them without
+importing mpi4py, so a run outside a launcher (or ``mpiexec -n 1``) never loads MPI.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from netengine import backend
+from netengine.errors import NetEngineError
+
+# The size a launcher gives each process, by MPI implementation.
+SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
+INSTALL_HINT = ("pip install -e '.[mpi]' (mpi4py with MPICH), or pip install mpi4py over a "
+                "system MPI")
+
+
+def launched_size() -> int:
+    """How many ranks the launcher started (1 outside one), from its environment variables."""
+    for name in SIZE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def _import_mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise NetEngineError(f"running under mpiexec with {launched_size()} ranks needs mpi4py "
+                             f"({err}): {INSTALL_HINT}") from None
+    return MPI
+
+
+class Communicator:
+    """All ranks of the job (MPI's COMM_WORLD), plus the ranks on this machine (``local_rank``
+    of ``local_size``, from MPI's shared-memory split: launcher-independent)."""
+
+    def __init__(self) -> None:
+        self.MPI = _import_mpi()
+        self.comm = self.MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        self._nccl = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    # -- host arrays -----------------------------------------------------------------------------
+    def allreduce_(self, array: np.ndarray) -> np.ndarray:
+        """Sum a contiguous host array over all ranks, in place."""
+        self.comm.Allreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM)
+        return array
+
+    def broadcast_(self, array: np.ndarray) -> np.ndarray:
+        """Rank 0's values of a contiguous host array, in place on every rank."""
+        self.comm.Bcast(array, root=0)
+        return array
+
+    def broadcast_object(self, value):
+        """Rank 0's ``value`` (a small Python value) on every rank."""
+        return self.comm.bcast(value, root=0)
+
+    def max_int(self, value: int) -> int:
+        buf = np.array([int(value)], dtype=np.int64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX)
+        return int(buf[0])
+
+    # -- device arrays ---------------------------------------------------------------------------
+    def use_nccl(self) -> bool:
+        """Set up NCCL between the ranks' GPUs; False where CuPy has no NCCL (then device
+        arrays are summed through MPI on host copies)."""
+        if self._nccl is None:  # NETENGINE_NCCL=0: MPI on host copies (to compare, or debug)
+            wanted = os.environ.get("NETENGINE_NCCL", "1") not in ("0", "false", "no")
+            self._nccl = (wanted and _Nccl.create(self)) or False
+        return bool(self._nccl)
+
+    def allreduce_device_(self, array):
+        """Sum an array on its device (CuPy) or host (NumPy) over all ranks, in place."""
+        if backend.get_array_module(array) is np:
+            return self.allreduce_(array)
+        if self.use_nccl():
+            self._nccl.allreduce_(array)
+            return array
+        host = backend.to_host(array)
+        self.allreduce_(host)
+        backend.copy_into(array, host)
+        return array
+
+    # -- failure ---------------------------------------------------------------------------------
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (MPI_Abort): a failing rank never leaves the others
+        waiting in a collective."""
+        sys.stderr.flush()
+        sys.stdout.flush()
+        self.comm.Abort(code)
+        os._exit(code)  # MPI_Abort may return before the launcher ends this process
+
+
+class _Nccl:
+    """Sum CuPy arrays across the ranks' GPUs with NCCL (unique id shared over MPI)."""
+
+    def __init__(self, nccl, communicator) -> None:
+        self.nccl, self.comm = nccl, communicator
+
+    @classmethod
+    def create(cls, comm: Communicator) -> _Nccl | None:
+        try:
+            from cupy.cuda import nccl
+        except ImportError:
+            return None
+        if not getattr(nccl, "available", True):
+            return None
+        uid = nccl.get_unique_id() if comm.is_root else None
+        uid = comm.broadcast_object(uid)
+        return cls(nccl, nccl.NcclCommunicator(comm.size, uid, comm.rank))
+
+    def allreduce_(self, array) -> None:
+        import cupy
+
+        kinds = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32,
+                 np.dtype(np.float64): self.nccl.NCCL_FLOAT64}
+        stream = cupy.cuda.get_current_stream().ptr
+        self.comm.allReduce(array.data.ptr, array.data.ptr, array.size, kinds[array.dtype],
+                            self.nccl.NCCL_SUM, stream)
+
+
+def world() -> Communicator | None:
+    """The job's communicator under a launcher with more than one rank; None otherwise
+    (nothing imported: one process trains as it always did)."""
+    if launched_size() <= 1:
+        return None
+    return Communicator()
