@@ -274,3 +274,31 @@ def test_train_level_flag_always_replaces_the_solvers(tmp_path, monkeypatch, cap
     assert train_cli.main(["--solver", str(path), "--max_iter", "0"]) == 1
     assert "layer 'low'" in capsys.readouterr().err  # level 0 from the flag, not 2
     assert train_cli.main(["--solver", str(path), "--max_iter", "0", "-level", "2"]) == 0
+
+
+ONE_LINE_TOOLS = ["convert_mnist", "draw_net", "export_onnx", "gen_layer_docs", "get_mnist",
+                  "parse_log", "plot_log", "summarize", "upgrade_net", "upgrade_solver"]
+
+
+@pytest.mark.parametrize("tool", ONE_LINE_TOOLS)
+def test_an_unforeseen_failure_in_any_tool_is_one_line(tool, monkeypatch, capsys):
+    import importlib
+
+    module = importlib.import_module(f"netengine.cli.{tool}")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a failure no check foresaw")
+
+    # the first thing each main calls: its parse_args, or parse_caffe_args directly
+    monkeypatch.setattr(module, "parse_args" if hasattr(module, "parse_args")
+                        else "parse_caffe_args", broken)
+    monkeypatch.delenv("NETENGINE_DEBUG", raising=False)
+    assert module.main([]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: internal error: RuntimeError: "
+                                                   "a failure no check foresaw"), err
+    monkeypatch.setenv("NETENGINE_DEBUG", "1")
+    assert module.main([]) == 1
+    assert "Traceback" in capsys.readouterr().err

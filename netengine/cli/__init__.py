@@ -10,6 +10,7 @@ traceback; ``--debug`` or ``NETENGINE_DEBUG=1`` adds it back).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -158,6 +159,27 @@ def run(main: Callable[[], int]) -> int:
         return 1
     finally:
         sys.stderr.flush()
+
+
+def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """For a tool's ``main(argv)`` that reports its own NetEngineErrors: whatever else escapes
+    still ends as one line ``error: ...`` and exit 1 (130 for Ctrl-C), the traceback only under
+    ``NETENGINE_DEBUG=1``/``--debug``."""
+
+    @functools.wraps(main)
+    def guarded(argv=None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            emit_error(NetEngineError("interrupted"))
+            return 130
+        except Exception as err:  # noqa: BLE001 - the tool's last line of defence
+            if debug_requested(argv):
+                traceback.print_exc(file=sys.stderr)
+            emit_error(_as_engine_error(err))
+            return 1
+
+    return guarded
 
 
 def _as_engine_error(err: Exception) -> NetEngineError:

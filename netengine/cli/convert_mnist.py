@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 from netengine.data.db import array_to_datum, lmdb_key, write_leveldb, write_lmdb
 from netengine.data.idx import read_idx
 from netengine.errors import NetEngineError
@@ -62,6 +62,7 @@ def convert(images_path: str, labels_path: str, db_path: str,
     return count, images.shape[1], images.shape[2]
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from netengine import draw
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 from netengine.errors import NetEngineError
 from netengine.proto import caffe_pb2
 
@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

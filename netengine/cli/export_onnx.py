@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 from netengine.errors import NetEngineError
 
 TOLERANCE = 1e-4
@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_caffe_args(parser, argv)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

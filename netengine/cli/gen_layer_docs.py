@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from netengine import docgen
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gen_layer_docs", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=docgen.DOC_PATH,

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 from netengine.errors import NetEngineError
 
 
@@ -155,6 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_caffe_args(parser, argv)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     mirrors = tuple(args.mirror) if args.mirror else MIRRORS

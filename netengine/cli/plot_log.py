@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 from netengine.errors import NetEngineError
 from netengine.formats import caffe_log
 from netengine.html.run_report import write_log_report
@@ -55,6 +55,7 @@ def html_main(argv: list[str]) -> int:
     return 0
 
 
+@one_line_errors
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--html" or a.startswith("--html=") for a in argv):

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from netengine import cli, summary
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 from netengine.errors import DataSourceError, NetEngineError
 from netengine.layers import REGISTRY, layer_type_list
 
@@ -83,6 +83,7 @@ def run(model, phase="TEST", input_shapes: dict | None = None, level: int = 0, s
     return Verdict(0, table, net)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.layers:

@@ -18,7 +18,7 @@ from pathlib import Path
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 from netengine.errors import NetEngineError
 from netengine.formats import upgrade
 from netengine.formats.prototxt import SourceMap, layer_blocks, parse_text, write_atomic
@@ -51,6 +51,7 @@ def write_like(path: str, message, binary: bool) -> None:
                  else text_format.MessageToString(message))
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="upgrade_net",
                                      description="Write a V0/V1 net (prototxt or caffemodel) "

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from netengine.cli import parse_caffe_args
+from netengine.cli import one_line_errors, parse_caffe_args
 from netengine.cli.upgrade_net import read_any, write_like
 from netengine.errors import NetEngineError
 from netengine.formats import upgrade
 from netengine.proto import caffe_pb2
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="upgrade_solver",
                                      description="Write a legacy solver in the current format.")
