@@ -248,9 +248,9 @@ def test_two_ranks_equal_one_process_with_the_global_batch_float64(tmp_path):
 def test_four_ranks_adam_iter_size_equal_one_process(tmp_path):
     """Adam with iter_size 2, oversubscribed: 4 ranks x 2 == 1 process x 8, iter_size 2."""
     extra = 'type: "Adam"\nbase_lr: 0.01\niter_size: 2\n'
-    ranks = mpirun(4, write_solver(tmp_path, tiny_net(2), iters=60, extra=extra),
+    ranks = mpirun(4, write_solver(tmp_path, tiny_net(2), iters=300, extra=extra),
                    tmp_path / "out")
-    single = one_process(write_solver(tmp_path, tiny_net(8), iters=60, extra=extra, name="g"))
+    single = one_process(write_solver(tmp_path, tiny_net(8), iters=300, extra=extra, name="g"))
     for got, want in zip(params_of(ranks[3]), single):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
