@@ -146,17 +146,8 @@ def run(main: Callable[[], int]) -> int:
     """Run a tool body with glog logging on stderr; any error → one line ``error: ...`` and
     exit 1 (130 for Ctrl-C), the traceback only under ``--debug``/``NETENGINE_DEBUG=1``."""
     install()
-    debug = debug_requested()
     try:
-        return main()
-    except KeyboardInterrupt:
-        emit_error(NetEngineError("interrupted"))
-        return 130
-    except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        emit_error(_as_engine_error(err))
-        return 1
+        return _in_one_line(main, debug_requested())
     finally:
         sys.stderr.flush()
 
@@ -168,18 +159,23 @@ def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def guarded(argv=None) -> int:
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            emit_error(NetEngineError("interrupted"))
-            return 130
-        except Exception as err:  # noqa: BLE001 - the tool's last line of defence
-            if debug_requested(argv):
-                traceback.print_exc(file=sys.stderr)
-            emit_error(_as_engine_error(err))
-            return 1
+        return _in_one_line(lambda: main(argv), debug_requested(argv))
 
     return guarded
+
+
+def _in_one_line(call: Callable[[], int], debug: bool) -> int:
+    """``call()``, with every failure turned into one line ``error: ...`` and its exit status."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        emit_error(NetEngineError("interrupted"))
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        emit_error(_as_engine_error(err))
+        return 1
 
 
 def _as_engine_error(err: Exception) -> NetEngineError:
