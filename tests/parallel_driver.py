@@ -76,6 +76,8 @@ def run(args, dp) -> int:
     for i, blob in enumerate(solver.net.learnable_params):
         own[f"after_snapshot_{i}"] = backend.to_host(blob.data).copy()
     np.savez(f"{args.out}.rank{rank}.npz", iter=solver.iter, **own)
+    if dp is not None:
+        dp.close()
     return 0
 
 

@@ -245,14 +245,40 @@ def test_two_ranks_equal_one_process_with_the_global_batch_float64(tmp_path):
 
 
 @needs_mpi
-def test_four_ranks_adam_iter_size_equal_one_process(tmp_path):
-    """Adam with iter_size 2, oversubscribed: 4 ranks x 2 == 1 process x 8, iter_size 2."""
+@pytest.mark.parametrize("per_node", ["", "2"])
+def test_four_ranks_adam_iter_size_equal_one_process(tmp_path, per_node):
+    """Adam with iter_size 2, oversubscribed: 4 ranks x 2 == 1 process x 8, iter_size 2; on one
+    machine, and as two machines of two ranks (shared memory, then MPI between them)."""
     extra = 'type: "Adam"\nbase_lr: 0.01\niter_size: 2\n'
     ranks = mpirun(4, write_solver(tmp_path, tiny_net(2), iters=300, extra=extra),
-                   tmp_path / "out")
+                   tmp_path / "out", env={"NETENGINE_RANKS_PER_NODE": per_node})
     single = one_process(write_solver(tmp_path, tiny_net(8), iters=300, extra=extra, name="g"))
     for got, want in zip(params_of(ranks[3]), single):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks, env, kind", [
+    (2, {}, "shared memory"),
+    (4, {}, "shared memory"),
+    (4, {"NETENGINE_RANKS_PER_NODE": "2"}, "shared memory + MPI_Allreduce between machines"),
+    (3, {"NETENGINE_RANKS_PER_NODE": "2"}, "MPI_Allreduce"),  # machines of 2 and 1 rank
+    (2, {"NETENGINE_RANKS_PER_NODE": "1"}, "MPI_Allreduce"),
+    (2, {"NETENGINE_SHM": "0"}, "MPI_Allreduce"),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gradient_sum_equals_mpi_allreduce(ranks, env, kind, dtype):
+    """Each way of summing the gradient buffer gives MPI_Allreduce's sums (to rounding: the
+    order of the additions differs), the very same values on every rank, step after step."""
+    done = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable,
+                           str(ROOT / "tests" / "parallel_sum_driver.py"), dtype],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    assert lines["KIND"] == kind
+    assert float(lines["WORST"]) < (1e-6 if dtype == "float32" else 1e-14)
+    assert lines["SAME"] == "True"
 
 
 @needs_mpi

@@ -226,6 +226,7 @@ def _train(args, dp, relaunch: bool) -> int:
         solver.solve(resume)
     if dp is not None:
         log.info("%s", dp.allreduce_summary())
+        dp.close()
     return 0
 
 

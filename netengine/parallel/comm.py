@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 
-from netengine import backend
 from netengine.errors import NetEngineError
+from netengine.parallel.reduce import HostCopySum, MpiSum, NcclSum, NodeSum
 
 # The size a launcher gives each process, by MPI implementation.
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -41,15 +41,22 @@ def _import_mpi():
 
 class Communicator:
     """All ranks of the job (MPI's COMM_WORLD), plus the ranks on this machine (``local_rank``
-    of ``local_size``, from MPI's shared-memory split: launcher-independent)."""
+    of ``local_size``, from MPI's shared-memory split: launcher-independent).
+
+    ``NETENGINE_RANKS_PER_NODE=k`` groups the ranks as if each machine ran k of them (ranks
+    0..k-1 on the first, ...): the path between machines, tried out on one.
+    """
 
     def __init__(self) -> None:
         self.MPI = _import_mpi()
         self.comm = self.MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
-        local.Free()
+        per_node = os.environ.get("NETENGINE_RANKS_PER_NODE", "").strip()
+        if per_node.isdigit() and int(per_node) > 0:
+            self.local = self.comm.Split(self.rank // int(per_node), key=self.rank)
+        else:
+            self.local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
         self._nccl = None
 
     @property
@@ -85,17 +92,23 @@ class Communicator:
             self._nccl = (wanted and _Nccl.create(self)) or False
         return bool(self._nccl)
 
-    def allreduce_device_(self, array):
-        """Sum an array on its device (CuPy) or host (NumPy) over all ranks, in place."""
-        if backend.get_array_module(array) is np:
-            return self.allreduce_(array)
-        if self.use_nccl():
-            self._nccl.allreduce_(array)
-            return array
-        host = backend.to_host(array)
-        self.allreduce_(host)
-        backend.copy_into(array, host)
-        return array
+    def gradient_sum(self, count: int, dtype, xp=np):
+        """A flat buffer of ``count`` values and the fastest way to sum it over the ranks, in
+        place (see :mod:`netengine.parallel.reduce`)."""
+        if xp is not np and self.use_nccl():
+            return NcclSum(self._nccl.nccl, self._nccl.comm, count, dtype)
+        host = self._host_sum(count, dtype)
+        return host if xp is np else HostCopySum(host, xp, count, dtype)
+
+    def _host_sum(self, count: int, dtype):
+        sizes = self.comm.allgather(self.local_size)
+        wanted = os.environ.get("NETENGINE_SHM", "1") not in ("0", "false", "no")
+        if not wanted or self.local_size == 1 or len(set(sizes)) != 1:
+            return MpiSum(self.MPI, self.comm, count, dtype)
+        cross = None
+        if self.local_size < self.size:  # one rank per machine for each local rank
+            cross = self.comm.Split(self.local_rank, key=self.rank)
+        return NodeSum(self.MPI, self.local, cross, count, dtype)
 
     # -- failure ---------------------------------------------------------------------------------
     def abort(self, code: int = 1) -> None:
@@ -108,7 +121,7 @@ class Communicator:
 
 
 class _Nccl:
-    """Sum CuPy arrays across the ranks' GPUs with NCCL (unique id shared over MPI)."""
+    """The NCCL communicator of the ranks' GPUs (its unique id shared over MPI)."""
 
     def __init__(self, nccl, communicator) -> None:
         self.nccl, self.comm = nccl, communicator
@@ -124,15 +137,6 @@ class _Nccl:
         uid = nccl.get_unique_id() if comm.is_root else None
         uid = comm.broadcast_object(uid)
         return cls(nccl, nccl.NcclCommunicator(comm.size, uid, comm.rank))
-
-    def allreduce_(self, array) -> None:
-        import cupy
-
-        kinds = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32,
-                 np.dtype(np.float64): self.nccl.NCCL_FLOAT64}
-        stream = cupy.cuda.get_current_stream().ptr
-        self.comm.allReduce(array.data.ptr, array.data.ptr, array.size, kinds[array.dtype],
-                            self.nccl.NCCL_SUM, stream)
 
 
 def world() -> Communicator | None:

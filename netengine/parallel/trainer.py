@@ -37,7 +37,7 @@ class DataParallel:
         self.comm = comm
         self.rank, self.size, self.is_root = comm.rank, comm.size, comm.is_root
         self.shard = Shard(comm.rank, comm.size)
-        self._flat = None
+        self._sum = None
         self._slices: list[tuple[int, int]] = []
         self._test_count = 0
         self.allreduce_seconds = 0.0
@@ -108,31 +108,39 @@ class DataParallel:
         value = np.array([loss], dtype=np.float64)
         return float(self.comm.allreduce_(value)[0]) / self.size
 
-    def _gradient_buffer(self, params):
-        if self._flat is None:
+    def _gradient_sum(self, params):
+        if self._sum is None:
             total, self._slices = 0, []
             for blob in params:
                 self._slices.append((total, total + blob.count))
                 total += blob.count
-            self._flat = params[0].xp.empty(total, dtype=params[0].dtype)
-        return self._flat
+            self._sum = self.comm.gradient_sum(total, params[0].dtype, params[0].xp)
+            log.info("gradient all-reduce: %d values, %s", total, self._sum.kind)
+        return self._sum
 
     def reduce_gradients(self, net) -> None:
         """One fused all-reduce of every learnable param's diff; then diff = sum / N."""
         params = net.learnable_params
         if not params:
             return
-        flat = self._gradient_buffer(params)
+        fused = self._gradient_sum(params)
+        flat = fused.buffer
         for blob, (start, stop) in zip(params, self._slices):
             flat[start:stop] = blob.diff.reshape(-1)
         began = time.perf_counter()
-        self.comm.allreduce_device_(flat)
+        flat = fused.sum_()
         backend.synchronize()
         self.allreduce_seconds += time.perf_counter() - began
         self.allreduce_steps += 1
-        flat *= flat.dtype.type(1.0 / self.size)
+        scale, xp = flat.dtype.type(1.0 / self.size), params[0].xp
         for blob, (start, stop) in zip(params, self._slices):
-            blob.diff.reshape(-1)[...] = flat[start:stop]
+            xp.multiply(flat[start:stop], scale, out=blob.diff.reshape(blob.count))
+
+    def close(self) -> None:
+        """Free the shared-memory window (before MPI ends)."""
+        if self._sum is not None:
+            self._sum.close()
+            self._sum = None
 
     def reduce_outputs(self, net) -> dict:
         """The train net's outputs, averaged over the ranks (for the display)."""
