@@ -1,11 +1,15 @@
 """One rank of the gradient-sum check (tests/test_parallel.py, under mpiexec): sums seeded
 random buffers of several sizes through Communicator.gradient_sum and compares every result
-with MPI_Allreduce's; rank 0 prints the sum's kind and the largest difference seen.
+with MPI_Allreduce's; rank 0 prints the sums' kinds and the largest difference seen.
 
-    mpiexec -n N python parallel_sum_driver.py [float32|float64]
+    mpiexec -n N python parallel_sum_driver.py [float32|float64] [nowindow]
+
+``nowindow``: no rank can allocate a shared-memory window (as under an MPI without them):
+every rank must then take MPI_Allreduce.
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -14,14 +18,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from netengine import parallel  # noqa: E402
+from netengine.parallel import comm as comm_module  # noqa: E402
+from netengine.parallel.reduce import HostCopySum  # noqa: E402
 
 
 def main() -> int:
     dtype = np.dtype(sys.argv[1] if len(sys.argv) > 1 else "float64")
     comm = parallel.world()
+    if "nowindow" in sys.argv[2:]:
+        def node_sum(*args):
+            raise comm.MPI.Exception(comm.MPI.ERR_WIN)
+
+        comm_module.NodeSum = node_sum
     worst, kinds, same = 0.0, set(), True
-    for count in (1, 10, 6370, 431080):
-        fused = comm.gradient_sum(count, dtype)
+    sums = (lambda n: comm.gradient_sum(n, dtype),
+            lambda n: comm.host_sum(n, dtype, piece=max(n // 4, 3)),  # a big net: in pieces
+            lambda n: HostCopySum(comm.host_sum(n, dtype), np, n, dtype))  # GPUs', on NumPy
+    for count, make in itertools.product((1, 10, 6370, 431080), sums):
+        fused = make(count)
         kinds.add(fused.kind)
         for step in range(5):  # the buffer is packed again each step
             values = np.random.default_rng([count, step, comm.rank]).standard_normal(count)

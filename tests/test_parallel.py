@@ -258,25 +258,29 @@ def test_four_ranks_adam_iter_size_equal_one_process(tmp_path, per_node):
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks, env, kind", [
-    (2, {}, "shared memory"),
-    (4, {}, "shared memory"),
-    (4, {"NETENGINE_RANKS_PER_NODE": "2"}, "shared memory + MPI_Allreduce between machines"),
-    (3, {"NETENGINE_RANKS_PER_NODE": "2"}, "MPI_Allreduce"),  # machines of 2 and 1 rank
-    (2, {"NETENGINE_RANKS_PER_NODE": "1"}, "MPI_Allreduce"),
-    (2, {"NETENGINE_SHM": "0"}, "MPI_Allreduce"),
+@pytest.mark.parametrize("ranks, env, kind, dtype", [
+    (2, {}, "shared memory", "float32"),
+    (2, {}, "shared memory", "float64"),
+    (4, {}, "shared memory", "float64"),
+    (4, {"NETENGINE_RANKS_PER_NODE": "2"}, "shared memory + MPI_Allreduce between machines",
+     "float32"),
+    (3, {"NETENGINE_RANKS_PER_NODE": "2"}, "MPI_Allreduce", "float64"),  # machines of 2 and 1
+    (2, {"NETENGINE_RANKS_PER_NODE": "1"}, "MPI_Allreduce", "float64"),
+    (2, {"NETENGINE_SHM": "0"}, "MPI_Allreduce", "float32"),
+    (2, {"nowindow": "1"}, "MPI_Allreduce", "float64"),  # an MPI without shared windows
 ])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_gradient_sum_equals_mpi_allreduce(ranks, env, kind, dtype):
-    """Each way of summing the gradient buffer gives MPI_Allreduce's sums (to rounding: the
-    order of the additions differs), the very same values on every rank, step after step."""
+    """Each way of summing the gradient buffer (straight in the window, piece by piece, through
+    host copies) gives MPI_Allreduce's sums (to rounding: the order of the additions differs),
+    the very same values on every rank, step after step."""
     done = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable,
-                           str(ROOT / "tests" / "parallel_sum_driver.py"), dtype],
+                           str(ROOT / "tests" / "parallel_sum_driver.py"), dtype,
+                           *(["nowindow"] if "nowindow" in env else [])],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
-    assert lines["KIND"] == kind
+    assert lines["KIND"] == f"{kind}|{kind} on host copies"
     assert float(lines["WORST"]) < (1e-6 if dtype == "float32" else 1e-14)
     assert lines["SAME"] == "True"
 

@@ -7,16 +7,18 @@ importing mpi4py, so a run outside a launcher (or ``mpiexec -n 1``) never loads 
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import numpy as np
 
 from netengine.errors import NetEngineError
-from netengine.parallel.reduce import HostCopySum, MpiSum, NcclSum, NodeSum
+from netengine.parallel.reduce import PIECE, HostCopySum, MpiSum, NcclSum, NodeSum
 
 # The size a launcher gives each process, by MPI implementation.
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
+log = logging.getLogger("netengine.parallel")
 INSTALL_HINT = ("pip install -e '.[mpi]' (mpi4py with MPICH), or pip install mpi4py over a "
                 "system MPI")
 
@@ -97,10 +99,12 @@ class Communicator:
         place (see :mod:`netengine.parallel.reduce`)."""
         if xp is not np and self.use_nccl():
             return NcclSum(self._nccl.nccl, self._nccl.comm, count, dtype)
-        host = self._host_sum(count, dtype)
+        host = self.host_sum(count, dtype)
         return host if xp is np else HostCopySum(host, xp, count, dtype)
 
-    def _host_sum(self, count: int, dtype):
+    def host_sum(self, count: int, dtype, piece: int = PIECE):
+        """The host buffer's sum: shared memory where every machine runs as many ranks (more
+        than one), else MPI_Allreduce."""
         sizes = self.comm.allgather(self.local_size)
         wanted = os.environ.get("NETENGINE_SHM", "1") not in ("0", "false", "no")
         if not wanted or self.local_size == 1 or len(set(sizes)) != 1:
@@ -108,7 +112,17 @@ class Communicator:
         cross = None
         if self.local_size < self.size:  # one rank per machine for each local rank
             cross = self.comm.Split(self.local_rank, key=self.rank)
-        return NodeSum(self.MPI, self.local, cross, count, dtype)
+        try:
+            node = NodeSum(self.MPI, self.local, cross, count, dtype, piece)
+        except self.MPI.Exception as err:  # an MPI without shared-memory windows
+            log.warning("no MPI shared-memory window (%s): gradients go through "
+                        "MPI_Allreduce", str(err).splitlines()[0])
+            node = None
+        if self.max_int(node is None):  # every rank takes the same way
+            if node is not None:  # not freed: MPI_Win_free waits for the ranks without one
+                node.window.Unlock_all()
+            return MpiSum(self.MPI, self.comm, count, dtype)
+        return node
 
     # -- failure ---------------------------------------------------------------------------------
     def abort(self, code: int = 1) -> None:

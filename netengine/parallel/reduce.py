@@ -20,6 +20,8 @@ from netengine import backend
 
 # Chunk bounds fall on multiples of this many values (whole cache lines for float32/64).
 ALIGN = 64
+# The most values a rank puts in the shared window at once (2 MiB of float32).
+PIECE = 1 << 19
 
 
 class MpiSum:
@@ -41,45 +43,60 @@ class MpiSum:
 
 class NodeSum:
     """Shared memory between the ranks of one machine (``local``), then MPI between machines
-    (``cross``: the ranks with this rank's local rank, one per machine; None on one machine)."""
+    (``cross``: the ranks with this rank's local rank, one per machine; None on one machine).
 
-    def __init__(self, MPI, local, cross, count: int, dtype) -> None:
+    The window holds at most ``piece`` values per rank (so /dev/shm, 64 MiB in a default
+    container, is never filled by a big net): a net with up to ``piece`` learnable values packs
+    straight into its segment; a bigger one is summed piece after piece from a private buffer.
+    """
+
+    def __init__(self, MPI, local, cross, count: int, dtype, piece: int = PIECE) -> None:
         self.MPI, self.local, self.cross = MPI, local, cross
         self.kind = "shared memory" + (" + MPI_Allreduce between machines" if cross else "")
         dtype = np.dtype(dtype)
-        rank, size = local.Get_rank(), local.Get_size()
-        self.window = MPI.Win.Allocate_shared(max(count, 1) * dtype.itemsize, dtype.itemsize,
+        self.rank, size = local.Get_rank(), local.Get_size()
+        self.count, self.width = count, max(min(count, piece), 1)
+        self.window = MPI.Win.Allocate_shared(self.width * dtype.itemsize, dtype.itemsize,
                                               comm=local)
         self.window.Lock_all()  # a passive epoch for the whole run: Sync() orders the copies
-        self.segments = [np.frombuffer(self.window.Shared_query(k)[0], dtype=dtype, count=count)
-                         for k in range(size)]
-        self.bounds = [min(count, (count * k // size) // ALIGN * ALIGN) for k in range(size)]
-        self.bounds.append(count)
-        self.rank = rank
-        self.buffer = self.segments[rank]
+        self.segments = [np.frombuffer(self.window.Shared_query(k)[0], dtype=dtype,
+                                       count=self.width) for k in range(size)]
+        self.own = self.segments[self.rank]
+        self.buffer = self.own[:count] if count <= piece else np.zeros(count, dtype=dtype)
 
     def _fence(self) -> None:
         self.window.Sync()
         self.local.Barrier()
         self.window.Sync()
 
-    def _chunk(self, owner: int, segment: int) -> np.ndarray:
-        return self.segments[segment][self.bounds[owner]:self.bounds[owner + 1]]
-
-    def sum_(self):
+    def _sum_segments(self, n: int) -> None:
+        """Sum the first ``n`` values of every rank's segment into every segment."""
+        size = len(self.segments)
+        bounds = [min(n, (n * k // size) // ALIGN * ALIGN) for k in range(size)] + [n]
+        chunks = [slice(bounds[k], bounds[k + 1]) for k in range(size)]
         self._fence()  # every rank has packed its segment
-        mine = self._chunk(self.rank, self.rank)
+        mine = self.own[chunks[self.rank]]
         # This rank alone reads or writes its chunk of every segment until the next fence.
-        for k in range(len(self.segments)):
+        for k in range(size):
             if k != self.rank:
-                mine += self._chunk(self.rank, k)
+                mine += self.segments[k][chunks[self.rank]]
         if self.cross is not None and mine.size:
             self.cross.Allreduce(self.MPI.IN_PLACE, mine, op=self.MPI.SUM)
         self._fence()  # every chunk is summed
-        for owner in range(len(self.segments)):
+        for owner in range(size):
             if owner != self.rank:
-                self._chunk(owner, self.rank)[...] = self._chunk(owner, owner)
+                self.own[chunks[owner]] = self.segments[owner][chunks[owner]]
         self._fence()  # nobody reads this rank's segment any more: it may be packed again
+
+    def sum_(self):
+        if self.count <= self.width:
+            self._sum_segments(self.count)
+            return self.buffer
+        for start in range(0, self.count, self.width):
+            stop = min(start + self.width, self.count)
+            self.own[:stop - start] = self.buffer[start:stop]
+            self._sum_segments(stop - start)
+            self.buffer[start:stop] = self.own[:stop - start]
         return self.buffer
 
     def close(self) -> None:
