@@ -138,6 +138,23 @@ def test_launched_size_reads_the_launchers_variables(monkeypatch):
     assert launched_size() == 4
 
 
+@pytest.mark.parametrize("local, size, user, expect", [
+    ("2", "2", None, "^sysv,posix"),  # MPICH, every rank on this machine
+    ("2", "4", None, None),  # two machines: UCX carries the traffic between them
+    ("2", "2", "rc,sm", "rc,sm"),  # the user's choice stays
+    (None, "2", None, None),  # not MPICH's launcher
+])
+def test_ucx_shared_memory_off_on_one_machine(monkeypatch, local, size, user, expect):
+    for name in (*parallel.comm.SIZE_VARIABLES, "MPI_LOCALNRANKS", "UCX_TLS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PMI_SIZE", size)
+    for name, value in (("MPI_LOCALNRANKS", local), ("UCX_TLS", user)):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    assert parallel.comm.one_machine_ucx() == (expect is not None and user is None)
+    assert os.environ.get("UCX_TLS") == expect
+
+
 def test_user_thread_settings_win(monkeypatch):
     from netengine.parallel import threads
 

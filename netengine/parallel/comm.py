@@ -32,7 +32,20 @@ def launched_size() -> int:
     return 1
 
 
+def one_machine_ucx() -> bool:
+    """Where MPICH's launcher (hydra) put every rank on this machine, turn off UCX's own
+    shared-memory transports unless the user chose UCX_TLS: MPICH carries local messages
+    through its own shared memory, and UCX's unused segments cost each rank about 3 MiB."""
+    local = os.environ.get("MPI_LOCALNRANKS", "").strip()
+    if "UCX_TLS" in os.environ or not local.isdigit() or int(local) != launched_size():
+        return False
+    os.environ["UCX_TLS"] = "^sysv,posix"
+    return True
+
+
 def _import_mpi():
+    if one_machine_ucx():  # before MPI_Init, which reads it
+        log.debug("every rank on this machine: UCX_TLS=%s", os.environ["UCX_TLS"])
     try:
         from mpi4py import MPI
     except ImportError as err:
