@@ -405,12 +405,20 @@ def _train_with_rank_layer(tmp_path: Path, action: str) -> subprocess.CompletedP
 
 @needs_mpi
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
+    """... within 30 s, and leaves no MPICH shared-memory file in /dev/shm behind."""
+    shm = Path("/dev/shm")
+    before = set(shm.iterdir()) if shm.is_dir() else set()
     began = time.monotonic()
     done = _train_with_rank_layer(tmp_path, "fail")
     assert done.returncode != 0
     assert time.monotonic() - began < 30
     assert "error: rank 1 of 2:" in done.stderr and "rank one gives up" in done.stderr, \
         done.stderr[-2000:]
+    if shm.is_dir():
+        time.sleep(0.5)
+        left = [p.name for p in set(shm.iterdir()) - before
+                if p.name.startswith(parallel.comm.SHARED_FILE_PREFIXES)]
+        assert not left, left
 
 
 @needs_mpi

@@ -7,6 +7,7 @@ importing mpi4py, so a run outside a launcher (or ``mpiexec -n 1``) never loads 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,6 +20,8 @@ from netengine.parallel.reduce import PIECE, HostCopySum, MpiSum, NcclSum, NodeS
 # The size a launcher gives each process, by MPI implementation.
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
 log = logging.getLogger("netengine.parallel")
+# The shared-memory files of MPICH (and of the UCX it may use) in /dev/shm.
+SHARED_FILE_PREFIXES = ("mpich_", "ucx_shm_")
 INSTALL_HINT = ("pip install -e '.[mpi]' (mpi4py with MPICH), or pip install mpi4py over a "
                 "system MPI")
 
@@ -143,8 +146,28 @@ class Communicator:
         waiting in a collective."""
         sys.stderr.flush()
         sys.stdout.flush()
+        unlink_mpi_shared_files()
         self.comm.Abort(code)
         os._exit(code)  # MPI_Abort may return before the launcher ends this process
+
+
+def unlink_mpi_shared_files(maps: str = "/proc/self/maps") -> list[str]:
+    """Unlink the MPICH/UCX shared-memory files this process maps. MPI_Abort skips MPICH's
+    clean-up, which would leave them in /dev/shm (memory) until the machine restarts; unlinked,
+    they vanish when the last rank using them ends. Returns the paths unlinked."""
+    try:
+        with open(maps, encoding="utf-8", errors="replace") as lines:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in lines if "/dev/shm/" in line}
+    except OSError:
+        return []
+    done = []
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if path.startswith("/dev/shm/") and name.startswith(SHARED_FILE_PREFIXES):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                done.append(path)
+    return done
 
 
 class _Nccl:
