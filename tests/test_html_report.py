@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -79,6 +80,8 @@ def trained(tmp_path_factory):
         writes.append(data)
         original(path, data)
 
+    budget = run_report.LiveReport.BUDGET
+    run_report.LiveReport.BUDGET = math.inf  # no waiting: a page after every output here
     logger = logging.getLogger("netengine")
     with log_path.open("w") as stream:
         handler = logging.StreamHandler(stream)  # the glog lines, as a log file holds them
@@ -92,6 +95,7 @@ def trained(tmp_path_factory):
         finally:
             os.chdir(cwd)
             run_report.write_atomic = original
+            run_report.LiveReport.BUDGET = budget
             logger.removeHandler(handler)
     assert status == 0
     return log_path, report, writes
@@ -120,6 +124,32 @@ def test_report_refreshes_while_the_run_is_alive_then_stops(trained):
     assert "running" in writes[1]
     growing = [sum(series(page).get("loss", {}).values()) for page in writes]
     assert growing == sorted(growing) and growing[0] == 0 and growing[-1] == 10
+
+
+def test_a_long_run_pays_at_most_its_budget_for_the_page(tmp_path, monkeypatch):
+    """3000 display steps, each 1 ms of (simulated) training, each page 10 ms: a page at most
+    every 0.5 s (10 ms / 2%), each record read once; the last page has every point."""
+    clock = [0.0]
+    monkeypatch.setattr(run_report.time, "perf_counter", lambda: clock[0])
+
+    def writing(path, data):  # the page costs 10 ms
+        clock[0] += 0.010
+        Path(path).write_text(data)
+
+    monkeypatch.setattr(run_report, "write_atomic", writing)
+    log = logging.getLogger("netengine.solver")
+    with run_report.live_report(tmp_path / "r.html", "long") as report:
+        for it in range(3000):
+            log.info("Iteration %d (1000 iter/s, 0.001s/1 iters), loss = %.4f", it, 1 / (it + 1))
+            log.info("    Train net output #0: loss = %.4f (* 1 = %.4f loss)", 1 / (it + 1),
+                     1 / (it + 1))
+            clock[0] += 0.001
+            report.refresh()
+        during, cost, elapsed = report.refreshes, report.seconds, clock[0]
+    assert 6 <= during <= 8  # the first page, then one each 0.5 s of the 3 s run
+    assert cost <= 0.02 * elapsed + 0.010  # 2%, and the first page
+    drawn = series((tmp_path / "r.html").read_text())
+    assert drawn["loss"]["train"] <= svg.MAX_POINTS < 3000
 
 
 def test_report_shows_progress_speed_and_the_solver(trained):
@@ -198,3 +228,13 @@ def test_chart_ticks_cover_the_data(low, high):
     ticks = svg.nice_ticks(low, high)
     assert ticks[0] <= low and ticks[-1] >= high and 2 <= len(ticks) <= 12
     assert ticks == sorted(ticks)
+
+
+def test_thinning_keeps_the_order_and_every_spike():
+    points = [(float(i), 1.0 / (i + 1)) for i in range(10000)]
+    points[7777] = (7777.0, 50.0)  # a spike: a diverging step
+    points[4321] = (4321.0, -3.0)
+    thinned = svg.thin(points)
+    assert len(thinned) <= svg.MAX_POINTS and thinned == sorted(thinned)
+    assert (7777.0, 50.0) in thinned and (4321.0, -3.0) in thinned
+    assert thinned[0] == points[0] and svg.thin(points[:50]) == points[:50]

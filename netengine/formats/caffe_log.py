@@ -85,68 +85,94 @@ def _stamps(lines: list[str], end_year: int) -> list[datetime | None]:
     return times
 
 
-def parse_lines(lines: list[str], end_year: int | None = None) -> LogTables:
-    """Parse log lines; ``end_year`` is the calendar year of the log's last line."""
-    times = _stamps(lines, end_year or datetime.now().year)
-    tables = LogTables()
-    current: dict[str, dict | None] = {"Train": None, "Test": None}
-    row_times: dict[int, datetime | None] = {}
-    pending: list[dict] = []  # rows still waiting for their learning rate
-    iteration, start, first, now, last_lr = None, None, None, None, math.nan
+class LogParser:
+    """The reading of a log, a line at a time (a live run's report feeds it as lines come):
+    :meth:`tables` gives the tables of the lines fed so far, as :func:`parse_lines` would."""
 
-    def settle(lr_iteration: int | None, rate: float) -> None:
-        for row in pending:
+    def __init__(self) -> None:
+        self._tables = LogTables()
+        self._current: dict[str, dict | None] = {"Train": None, "Test": None}
+        self._row_times: dict[int, datetime | None] = {}
+        self._pending: list[dict] = []  # rows still waiting for their learning rate
+        self._iteration: int | None = None
+        self._last_lr = math.nan
+        self.start: datetime | None = None  # the first ``Solving`` line's time
+        self.first: datetime | None = None  # the first time stamp
+        self.now: datetime | None = None  # the last time stamp
+
+    def _settle(self, lr_iteration: int | None, rate: float) -> None:
+        for row in self._pending:
             row["LearningRate"] = rate if row["NumIters"] == lr_iteration or \
-                math.isnan(last_lr) else last_lr
-        pending.clear()
+                math.isnan(self._last_lr) else self._last_lr
+        self._pending.clear()
 
-    for line, stamp in zip(lines, times):
+    def feed(self, line: str, stamp: datetime | None) -> None:
+        """Read one line, stamped with its wall time (None where it has none)."""
         if stamp is not None:
-            now = stamp
-            first = first or stamp
+            self.now = stamp
+            self.first = self.first or stamp
         if any(marker in line for marker in _RUN_BOUNDARY):
-            if start is None and "Solving " in line and stamp is not None:
-                start = stamp
-            settle(None, last_lr)
-            current = {"Train": None, "Test": None}
+            if self.start is None and "Solving " in line and stamp is not None:
+                self.start = stamp
+            self._settle(None, self._last_lr)
+            self._current = {"Train": None, "Test": None}
         found = _LR.search(line)
         if found:
             rate = float(found.group(2))
-            settle(int(found.group(1)), rate)
-            last_lr = rate
+            self._settle(int(found.group(1)), rate)
+            self._last_lr = rate
         found = _ITERATION.search(line)
         if found:
-            iteration = int(found.group(1))
+            self._iteration = int(found.group(1))
         found = _OUTPUT.search(line)
-        if found is None or iteration is None:
-            continue
+        if found is None or self._iteration is None:
+            return
         kind, _, name, value = found.groups()
-        row = current[kind]
-        if row is None or row["NumIters"] != iteration or name in row:
-            row = {"NumIters": iteration, "Seconds": math.nan, "LearningRate": math.nan}
-            row_times[id(row)] = now
-            (tables.train if kind == "Train" else tables.test).append(row)
-            pending.append(row)
-            current[kind] = row
+        row = self._current[kind]
+        if row is None or row["NumIters"] != self._iteration or name in row:
+            row = {"NumIters": self._iteration, "Seconds": math.nan, "LearningRate": math.nan}
+            self._row_times[id(row)] = self.now
+            (self._tables.train if kind == "Train" else self._tables.test).append(row)
+            self._pending.append(row)
+            self._current[kind] = row
         row[name] = float(value)
-    settle(None, last_lr)
-    start = start or first
-    for row in tables.train + tables.test:
-        stamp = row_times[id(row)]
-        if stamp is not None and start is not None:
-            row["Seconds"] = round((stamp - start).total_seconds(), 6)
-    return tables
+
+    def tables(self) -> LogTables:
+        """The rows so far (the parser's own: feeding more lines updates them). Rows still
+        waiting for a learning rate show the rate in effect."""
+        for row in self._pending:
+            row["LearningRate"] = self._last_lr
+        start = self.start or self.first
+        for row in self._tables.train + self._tables.test:
+            stamp = self._row_times[id(row)]
+            if stamp is not None and start is not None:
+                row["Seconds"] = round((stamp - start).total_seconds(), 6)
+        return self._tables
+
+    def elapsed(self) -> float:
+        """Seconds from the start (the ``Solving`` line, else the first stamp) to the last."""
+        start = self.start or self.first
+        return max(0.0, (self.now - start).total_seconds()) if start and self.now else 0.0
+
+
+def parse_lines(lines: list[str], end_year: int | None = None) -> LogTables:
+    """Parse log lines; ``end_year`` is the calendar year of the log's last line."""
+    parser = LogParser()
+    for line, stamp in zip(lines, _stamps(lines, end_year or datetime.now().year)):
+        parser.feed(line, stamp)
+    return parser.tables()
 
 
 def span_seconds(lines: list[str], end_year: int | None = None) -> float:
     """Seconds from the run's start (its ``Solving`` line, else the first time stamp) to the
     last time stamp: a log's elapsed time (0 without stamps)."""
-    times = _stamps(lines, end_year or datetime.now().year)
-    stamped = [(line, t) for line, t in zip(lines, times) if t is not None]
-    if not stamped:
-        return 0.0
-    start = next((t for line, t in stamped if "Solving " in line), stamped[0][1])
-    return max(0.0, (stamped[-1][1] - start).total_seconds())
+    parser = LogParser()
+    for line, stamp in zip(lines, _stamps(lines, end_year or datetime.now().year)):
+        if stamp is not None:  # the stamps and the Solving line are all it needs
+            parser.now, parser.first = stamp, parser.first or stamp
+            if parser.start is None and "Solving " in line:
+                parser.start = stamp
+    return parser.elapsed()
 
 
 def parse_log(path, end_year: int | None = None) -> LogTables:

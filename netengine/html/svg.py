@@ -94,6 +94,24 @@ def tick_text(value: float) -> str:
 
 WIDTH, HEIGHT = 640, 250
 LEFT, RIGHT, TOP, BOTTOM = 58, 14, 10, 34
+# The most points a line draws: a low and a high for about every unit of the plot's width.
+MAX_POINTS = 2 * (WIDTH - LEFT - RIGHT)
+
+
+def thin(points: list[tuple[float, float]], most: int = 0) -> list[tuple[float, float]]:
+    """At most ``most`` (MAX_POINTS) points of a line, in order: the lowest and the highest of
+    each of most/2 runs of neighbours, so spikes and a divergence stay visible."""
+    most = most or MAX_POINTS
+    if len(points) <= most:
+        return points
+    runs, count, out = most // 2, len(points), []
+    for k in range(runs):
+        first, stop = k * count // runs, (k + 1) * count // runs
+        span = range(first, stop)
+        low = min(span, key=lambda i: points[i][1])
+        high = max(span, key=lambda i: points[i][1])
+        out += [points[i] for i in sorted({low, high})]
+    return out
 
 
 def line_chart(series: str, title: str, lines: list[tuple[str, str, list[tuple[float, float]]]],
@@ -101,7 +119,8 @@ def line_chart(series: str, title: str, lines: list[tuple[str, str, list[tuple[f
     """One chart as ``<figure class="chart" data-series=SERIES>`` with an inline SVG.
 
     ``lines`` are (label, css class, [(x, y), ...]); each becomes a polyline whose
-    ``data-points`` is its number of points (dots are drawn too where there are few).
+    ``data-points`` is its number of points (dots are drawn too where there are few), thinned
+    to MAX_POINTS (the legend keeps the full count).
     """
     points = [p for _, _, pts in lines for p in pts]
     xs, ys = [p[0] for p in points] or [0.0], [p[1] for p in points] or [0.0]
@@ -127,7 +146,8 @@ def line_chart(series: str, title: str, lines: list[tuple[str, str, list[tuple[f
                  f'y2="{TOP + plot_h}"/><text x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 3}" '
                  f'text-anchor="middle">{esc(x_label)}</text>')
     legend = []
-    for label, cls, pts in lines:
+    for label, cls, logged in lines:
+        pts = thin(logged)
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         parts.append(f'<polyline class="{cls}" data-phase="{cls}" data-points="{len(pts)}" '
                      f'points="{coords}"/>')
@@ -136,7 +156,7 @@ def line_chart(series: str, title: str, lines: list[tuple[str, str, list[tuple[f
                       f'<title>{esc(label)}: iteration {x:g}, {y:.6g}</title></circle>'
                       for x, y in pts]
         legend.append(f'<span><i style="background: var(--{cls})"></i>{esc(label)} '
-                      f'({len(pts)})</span>')
+                      f'({len(logged)})</span>')
     parts.append("</svg>")
     return (f'<figure class="chart" data-series="{esc(series)}">'
             f'<figcaption>{esc(title)}</figcaption>{"".join(parts)}'
