@@ -302,3 +302,25 @@ def test_an_unforeseen_failure_in_any_tool_is_one_line(tool, monkeypatch, capsys
     monkeypatch.setenv("NETENGINE_DEBUG", "1")
     assert module.main([]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("convert_mnist", ["none-images", "none-labels", "{tmp}/db"]),
+    ("draw_net", ["none.prototxt", "{tmp}/net.png"]),
+    ("export_onnx", ["--model", "none.prototxt", "-o", "{tmp}/net.onnx"]),
+    ("parse_log", ["none.log", "{tmp}"]),
+    ("plot_log", ["0", "{tmp}/chart.png", "none.log"]),
+    ("summarize", ["--model", "none.prototxt"]),
+    ("upgrade_net", ["none.prototxt", "{tmp}/new.prototxt"]),
+    ("upgrade_solver", ["none.prototxt", "{tmp}/new.prototxt"]),
+])
+def test_every_tool_names_itself_then_error(tool, args, tmp_path, monkeypatch, capsys):
+    """A missing input: one line, '<tool>: error: ...' naming the file, exit status 1."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"netengine.cli.{tool}")
+    assert module.main([a.format(tmp=tmp_path) for a in args]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}: error: ") and "none" in lines[0], \
+        lines

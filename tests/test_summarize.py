@@ -128,7 +128,7 @@ def test_cli_refuses_with_one_line(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     err = captured.err.strip()
-    assert "\n" not in err and err.startswith("summarize: refused: ")
+    assert "\n" not in err and err.startswith("summarize: error: ")
     assert "DenseNet_121.prototxt:54" in err and "pool1" in err and "ceil_mode" in err
 
 

@@ -79,7 +79,7 @@ def run(model, phase="TEST", input_shapes: dict | None = None, level: int = 0, s
     except NetEngineError as err:
         hint = (" (give the data layer's tops stand-in shapes: --input-shape NAME=N,C,H,W)"
                 if isinstance(err, DataSourceError) else "")
-        return Verdict(1, f"summarize: refused: {err}{hint}", None, err)
+        return Verdict(1, f"summarize: error: {err}{hint}", None, err)
     return Verdict(0, table, net)
 
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     try:
         shapes = dict(summary.parse_shape_spec(s) for s in args.input_shape)
     except NetEngineError as err:
-        print(f"summarize: {err}", file=sys.stderr)
+        print(f"summarize: error: {err}", file=sys.stderr)
         return 2
     verdict = run(args.model, args.phase, shapes, args.level, cli.stages(args.stage),
                   args.show_splits)

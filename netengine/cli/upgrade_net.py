@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         upgrade.upgrade_net(param, source.lines(keyword), args.input, notify=lambda _: None)
         write_like(args.output, param, binary)
     except NetEngineError as err:
-        print(f"upgrade_net: {err}", file=sys.stderr)
+        print(f"upgrade_net: error: {err}", file=sys.stderr)
         return 1
     print(f"upgrade_net: wrote {args.output}" + ("" if needed else
                                                  " (the input was already up to date)"),

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         upgrade.upgrade_solver(param, args.input, notify=notes.append)
         write_like(args.output, param, binary)
     except NetEngineError as err:
-        print(f"upgrade_solver: {err}", file=sys.stderr)
+        print(f"upgrade_solver: error: {err}", file=sys.stderr)
         return 1
     print(f"upgrade_solver: wrote {args.output}" + ("" if notes else
                                                     " (the input was already up to date)"),
