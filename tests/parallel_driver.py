@@ -6,7 +6,7 @@ alone for one process): trains SOLVER in the given dtype to its max_iter, then s
 - the final snapshot (rank 0) through solver.snapshot(), which averages BatchNorm's
   statistics on every rank (``after_snapshot_<i>``: the params after it).
 
-    python parallel_driver.py SOLVER OUT [--dtype float64] [--resume STATE] [--gpu]
+    python parallel_driver.py SOLVER OUT [--dtype float64] [--resume STATE] [--gpu|--fake-gpu]
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--resume", default="")
     parser.add_argument("--blobs", default="")
     parser.add_argument("--gpu", action="store_true", help="one GPU per local rank")
+    parser.add_argument("--fake-gpu", action="store_true",
+                        help="GPU mode on tests/fake_cupy.py (CuPy's rules, NumPy underneath)")
     args = parser.parse_args()
     comm = parallel.world()
     dp = parallel.DataParallel(comm) if comm is not None else None
@@ -43,6 +45,11 @@ def main() -> int:
 
 
 def run(args, dp) -> int:
+    if args.fake_gpu:
+        import fake_cupy
+
+        backend._import_cupy = lambda: fake_cupy.cupy
+        backend.set_mode_gpu()
     if args.gpu:
         import cupy
 
@@ -75,6 +82,8 @@ def run(args, dp) -> int:
     solver.snapshot()
     for i, blob in enumerate(solver.net.learnable_params):
         own[f"after_snapshot_{i}"] = backend.to_host(blob.data).copy()
+    if dp is not None and dp._sum is not None:
+        own["sum_kind"] = np.array(dp._sum.kind)
     np.savez(f"{args.out}.rank{rank}.npz", iter=solver.iter, **own)
     if dp is not None:
         dp.close()

@@ -303,6 +303,24 @@ def test_gradient_sum_equals_mpi_allreduce(ranks, env, kind, dtype):
 
 
 @needs_mpi
+def test_two_ranks_through_cupys_api_equal_one_process(tmp_path):
+    """The device path (params in CuPy arrays, the sum through host copies, broadcast and
+    resume) on tests/fake_cupy.py: 2 ranks x 4 == 1 process x 8 to 1e-12, and the run resumed
+    from its snapshot at 10 ends where it did (to the float32 the snapshot stores)."""
+    extra = "momentum: 0.9\nsnapshot: 10\n"
+    solver = write_solver(tmp_path, tiny_net(4), iters=20, extra=extra)
+    ranks = mpirun(2, solver, tmp_path / "out", "--fake-gpu")
+    assert str(ranks[0]["sum_kind"]) == "shared memory on host copies"
+    single = one_process(write_solver(tmp_path, tiny_net(8), iters=20, extra=extra, name="g"))
+    for got, want in zip(params_of(ranks[1]), single):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    resumed = mpirun(2, solver, tmp_path / "again", "--fake-gpu", "--resume",
+                     str(tmp_path / "s_iter_10.solverstate"), dtype="float64")
+    for got, want in zip(params_of(resumed[0]), params_of(ranks[0])):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@needs_mpi
 def test_lenet_float32_two_ranks_agree_with_one_process(tmp_path):
     net = (ROOT / "nets" / "mnist_train_test.prototxt").read_text()
     net = net.replace('"data/mnist/', f'"{ROOT}/data/mnist/')
