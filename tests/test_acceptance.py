@@ -295,7 +295,7 @@ def verdict_for(rel: str, phase: int, param, stages=(), force_stand_ins=False) -
     result = summarize_cli.run(path, phase, stand_ins, stages=stages)
     if result.status:
         err = result.error
-        assert result.status == 1 and result.text.startswith(f"summarize: refused: {err}")
+        assert result.status == 1 and result.text.startswith(f"summarize: error: {err}")
         if isinstance(err, DataSourceError):  # the tool says how to stand in for the data
             assert result.text.endswith("--input-shape NAME=N,C,H,W)")
         text = check_one_line(err, rel)
