@@ -106,14 +106,19 @@ class LogParser:
                 math.isnan(self._last_lr) else self._last_lr
         self._pending.clear()
 
+    def clock(self, line: str, stamp: datetime | None) -> None:
+        """Note a line's wall time: the first, the last and the first ``Solving`` line's."""
+        if stamp is None:
+            return
+        self.now = stamp
+        self.first = self.first or stamp
+        if self.start is None and "Solving " in line:
+            self.start = stamp
+
     def feed(self, line: str, stamp: datetime | None) -> None:
         """Read one line, stamped with its wall time (None where it has none)."""
-        if stamp is not None:
-            self.now = stamp
-            self.first = self.first or stamp
+        self.clock(line, stamp)
         if any(marker in line for marker in _RUN_BOUNDARY):
-            if self.start is None and "Solving " in line and stamp is not None:
-                self.start = stamp
             self._settle(None, self._last_lr)
             self._current = {"Train": None, "Test": None}
         found = _LR.search(line)
@@ -168,10 +173,7 @@ def span_seconds(lines: list[str], end_year: int | None = None) -> float:
     last time stamp: a log's elapsed time (0 without stamps)."""
     parser = LogParser()
     for line, stamp in zip(lines, _stamps(lines, end_year or datetime.now().year)):
-        if stamp is not None:  # the stamps and the Solving line are all it needs
-            parser.now, parser.first = stamp, parser.first or stamp
-            if parser.start is None and "Solving " in line:
-                parser.start = stamp
+        parser.clock(line, stamp)  # the times are all it needs
     return parser.elapsed()
 
 

@@ -136,7 +136,7 @@ class HostCopySum:
         self.buffer = xp.zeros(count, dtype=dtype)
 
     def sum_(self):
-        self.host.buffer[...] = backend.to_host(self.buffer)
+        backend.copy_into(self.host.buffer, self.buffer)
         backend.copy_into(self.buffer, self.host.sum_())
         return self.buffer
 

@@ -111,15 +111,20 @@ class NesterovSolver(SGDSolver):
         g += old
 
 
+def _refuse_momentum(solver) -> None:
+    """AdaGrad and RMSProp take no momentum (Caffe's CHECK_EQ(0, momentum))."""
+    if solver.param.momentum != 0:
+        raise solver._fail(f"{solver.type} cannot use momentum (got "
+                           f"{solver.param.momentum:g}); set momentum: 0")
+
+
 class AdaGradSolver(SGDSolver):
     """AdaGrad: h += g²; step lr·g/(√h + δ)."""
 
     type = "AdaGrad"
 
     def check_param(self) -> None:
-        if self.param.momentum != 0:
-            raise self._fail(f"AdaGrad cannot use momentum (got {self.param.momentum:g}); "
-                             "set momentum: 0")
+        _refuse_momentum(self)
 
     def compute_update_value(self, i: int, rate: float) -> None:
         blob = self.net.learnable_params[i]
@@ -138,9 +143,7 @@ class RMSPropSolver(SGDSolver):
     type = "RMSProp"
 
     def check_param(self) -> None:
-        if self.param.momentum != 0:
-            raise self._fail(f"RMSProp cannot use momentum (got {self.param.momentum:g}); "
-                             "set momentum: 0")
+        _refuse_momentum(self)
         if not 0 <= self.param.rms_decay < 1:
             raise self._fail(f"rms_decay must be in [0, 1), got {self.param.rms_decay:g}")
 
