@@ -321,6 +321,21 @@ def test_two_ranks_through_cupys_api_equal_one_process(tmp_path):
 
 
 @needs_mpi
+def test_a_bad_ranks_per_node_is_one_line(tmp_path):
+    solver = write_solver(tmp_path, tiny_net(4), iters=2)
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(ROOT / "tools" / "train"),
+                           "--solver", str(solver)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "NETENGINE_RANKS_PER_NODE": "two"})
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "NETENGINE_RANKS_PER_NODE" in line]
+    assert lines and all(line.startswith("error: NETENGINE_RANKS_PER_NODE must be a whole "
+                                         "number") and line.endswith("got 'two'")
+                         for line in lines), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+@needs_mpi
 def test_lenet_float32_two_ranks_agree_with_one_process(tmp_path):
     net = (ROOT / "nets" / "mnist_train_test.prototxt").read_text()
     net = net.replace('"data/mnist/', f'"{ROOT}/data/mnist/')

@@ -70,7 +70,10 @@ class Communicator:
         self.comm = self.MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         per_node = os.environ.get("NETENGINE_RANKS_PER_NODE", "").strip()
-        if per_node.isdigit() and int(per_node) > 0:
+        if per_node and not (per_node.isdigit() and int(per_node) > 0):
+            raise NetEngineError(f"NETENGINE_RANKS_PER_NODE must be a whole number of ranks "
+                                 f"per machine (e.g. 2), got '{per_node}'")
+        if per_node:
             self.local = self.comm.Split(self.rank // int(per_node), key=self.rank)
         else:
             self.local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
